@@ -1,0 +1,193 @@
+"""`MITPConfig`: what an MITP adapter is made of, with the paper's defaults."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Literal
+
+from peft.config import PeftConfig
+
+SIMILARITIES = ("scaled_dot", "cosine", "dot")
+ACTIVATIONS = ("softmax", "hard")
+
+
+class MITPPeftType(str, enum.Enum):
+    """The plugin's own PEFT type.
+
+    peft's `PeftType` is a closed enum, so the plugin keys peft's lookup tables with a member of this `str` enum. It
+    hashes and compares equal to the plain string `"MITP"` read back from `adapter_config.json`, and has `.value`,
+    which some peft code paths call.
+    """
+
+    MITP = "MITP"
+
+
+def _check_layer_list(name: str, layers: list[int] | None) -> list[int] | None:
+    if layers is None:
+        return None
+    if isinstance(layers, int) or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
+        raise ValueError(f"`{name}` must be a list of layer indices (ints), got {layers!r}.")
+    layers = list(layers)
+    if not layers:
+        raise ValueError(f"`{name}` is empty: give at least one layer index, or None for the default pairing.")
+    if any(i < 0 for i in layers):
+        raise ValueError(f"`{name}` has negative indices {[i for i in layers if i < 0]}: indices count from 0.")
+    duplicated = sorted({i for i in layers if layers.count(i) > 1})
+    if duplicated:
+        raise ValueError(f"`{name}` lists layer(s) {duplicated} more than once: each interaction layer appears once.")
+    if layers != sorted(layers):
+        raise ValueError(
+            f"`{name}`={layers} is not in ascending order: interaction pairs run from the lowest layer up, "
+            f"so list them as {sorted(layers)}."
+        )
+    return layers
+
+
+@dataclass
+class MITPConfig(PeftConfig):
+    """Configuration of an MITP adapter (Memory-Inspired Temporal Prompt Interaction, arXiv 2401.14856).
+
+    MITP puts `prompt_length` temporal prompts into chosen *interaction layers* of both towers of a frozen dual
+    encoder. After each pair of interaction layers a shared memory hub reads the prompts out, consolidates them by
+    cross-modal similarity, activates them with a softmax and generates the next pair's prompts in both directions.
+    The defaults reproduce the paper's budget: about 2.0M trainable parameters on CLIP ViT-L/14 with 101 classes.
+
+    Every field below is saved in `adapter_config.json`. `text_layers`, `vision_layers` and `target_modules` are
+    resolved against the backbone when the adapter is created, so the saved file always names concrete layers.
+
+    Example:
+
+        ```py
+        >>> import peft_mitp
+        >>> from peft import get_peft_model
+        >>> base = peft_mitp.MITPForImageTextClassification.from_backbone(clip_model, num_labels=101)
+        >>> model = get_peft_model(base, peft_mitp.MITPConfig(prompt_length=8, similarity="cosine"))
+        ```
+    """
+
+    prompt_length: int = field(
+        default=8,
+        metadata={
+            "help": "Number of temporal prompts per interaction layer (text tower; also the vision tower unless "
+            "`vision_prompt_length` is set). More prompts carry more information between the towers at a small "
+            "cost in compute; 4 to 16 is the useful range."
+        },
+    )
+    vision_prompt_length: int | None = field(
+        default=None,
+        metadata={"help": "Number of vision prompts when it should differ from `prompt_length` (None: the same)."},
+    )
+    text_layers: list[int] | None = field(
+        default=None,
+        metadata={
+            "help": "Text-tower interaction layers (0-based, ascending). None: the last `num_interaction_layers` "
+            "layers of the shallower tower, paired evenly with the deeper one (CLIP ViT-L/14: text 8..11 with "
+            "vision 16, 18, 20, 22). Set it to move the interaction lower (more capacity, more backward cost)."
+        },
+    )
+    vision_layers: list[int] | None = field(
+        default=None,
+        metadata={"help": "Vision-tower interaction layers (0-based, ascending); pair k is `text_layers[k]` with "
+                  "`vision_layers[k]`, so both lists must have the same length. None: derived as for `text_layers`."},
+    )
+    num_interaction_layers: int = field(
+        default=4,
+        metadata={"help": "How many interaction pairs the default pairing uses when the layer lists are None."},
+    )
+    hub_dim: int = field(
+        default=512,
+        metadata={
+            "help": "Width of the memory hub's shared space. The hub maps each tower into it and back (the "
+            "'mapping connection'), shared across all interaction layers; this is the low-rank size that sets most "
+            "of the adapter's parameters. 512 gives the paper's ~2.0M on CLIP ViT-L/14; lower it for smaller budgets."
+        },
+    )
+    similarity: Literal["scaled_dot", "cosine", "dot"] = field(
+        default="scaled_dot",
+        metadata={"help": "Consolidation similarity between the two modalities' prompts: 'scaled_dot' "
+                  "(dot / sqrt(hub_dim)), 'cosine' or 'dot'."},
+    )
+    temperature: float | None = field(
+        default=None,
+        metadata={"help": "Similarities are divided by this before the activation softmax. None: 1.0 for "
+                  "'scaled_dot' and 'dot', 0.1 for 'cosine' (cosine similarities lie in [-1, 1])."},
+    )
+    activation: Literal["softmax", "hard"] = field(
+        default="softmax",
+        metadata={"help": "Activation over similarities: 'softmax' (the paper) or 'hard' (top-1, an ablation)."},
+    )
+    interaction: bool = field(
+        default=True,
+        metadata={"help": "Ablation switch. False: no cross-modal term; each tower's prompts only carry its own "
+                  "read-out forward (temporal prompts without interaction)."},
+    )
+    memory: bool = field(
+        default=True,
+        metadata={"help": "Ablation switch. False: a layer's read-out is not carried to the next interaction layer; "
+                  "each layer starts from its own learned prompts plus the cross-modal term."},
+    )
+    prompt_init_std: float = field(
+        default=0.02,
+        metadata={"help": "Standard deviation of the Gaussian that initialises the learned prompts."},
+    )
+    target_modules: list[str] | None = field(
+        default=None,
+        metadata={"help": "Filled in when the adapter is created: the full names of the wrapped interaction "
+                  "layers. Leave it None; choose layers with `text_layers` / `vision_layers`."},
+    )
+    modules_to_save: list[str] | None = field(
+        default_factory=lambda: ["classifier"],
+        metadata={"help": "Modules of the task model trained and saved with the adapter (the classification head)."},
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = MITPPeftType.MITP
+        for name in ("prompt_length", "num_interaction_layers", "hub_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"`{name}` must be a positive integer (>= 1), got {value!r}.")
+        if self.vision_prompt_length is not None and (
+            not isinstance(self.vision_prompt_length, int) or self.vision_prompt_length < 1
+        ):
+            raise ValueError(
+                f"`vision_prompt_length` must be a positive integer or None, got {self.vision_prompt_length!r}."
+            )
+        self.text_layers = _check_layer_list("text_layers", self.text_layers)
+        self.vision_layers = _check_layer_list("vision_layers", self.vision_layers)
+        if (
+            self.text_layers is not None
+            and self.vision_layers is not None
+            and len(self.text_layers) != len(self.vision_layers)
+        ):
+            raise ValueError(
+                f"`vision_layers` has {len(self.vision_layers)} entries but `text_layers` has "
+                f"{len(self.text_layers)}: interaction pair k joins text_layers[k] with vision_layers[k], so give "
+                "both lists the same length (or leave one None to derive it)."
+            )
+        if self.similarity not in SIMILARITIES:
+            raise ValueError(f"`similarity`={self.similarity!r} is unknown; choose one of {list(SIMILARITIES)}.")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"`activation`={self.activation!r} is unknown; choose one of {list(ACTIVATIONS)}.")
+        if self.temperature is not None and not self.temperature > 0:
+            raise ValueError(f"`temperature` must be > 0 (or None for the default), got {self.temperature!r}.")
+        if not self.prompt_init_std >= 0:
+            raise ValueError(f"`prompt_init_std` must be >= 0, got {self.prompt_init_std!r}.")
+
+    @property
+    def text_prompt_length(self) -> int:
+        """Number of prompts in the text tower."""
+        return self.prompt_length
+
+    @property
+    def vision_prompts(self) -> int:
+        """Number of prompts in the vision tower."""
+        return self.vision_prompt_length or self.prompt_length
+
+    @property
+    def effective_temperature(self) -> float:
+        """The temperature in use: the configured one, or the similarity's default."""
+        if self.temperature is not None:
+            return float(self.temperature)
+        return 0.1 if self.similarity == "cosine" else 1.0

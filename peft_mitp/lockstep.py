@@ -1,0 +1,192 @@
+"""Lock-step execution of two stock tower forwards, with the memory hub between them.
+
+MITP's hub needs both towers' read-outs of interaction pair k before either tower may run pair k+1, but dual
+encoders run one whole tower, then the other. Instead of re-implementing each family's forward, each tower's stock
+feature function runs as a coroutine (a greenlet). The wrapped interaction layers (`MITPLayer`) hand control back to
+the scheduler here, asking for their prompts or handing in their read-outs; the scheduler runs the hub as soon as
+both read-outs of a pair are in.
+
+All per-forward state lives in `run_lockstep`'s local variables, so concurrent forwards in different threads do not
+see each other. Greenlets share one OS thread, so grad mode and autocast are the same in both towers.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import greenlet
+import torch
+
+from .hub import HubOutput, MemoryHub
+
+TOWERS = ("text", "vision")
+
+
+@dataclass
+class _PromptRequest:
+    tower: str
+    pair: int
+
+
+@dataclass
+class _Readout:
+    tower: str
+    pair: int
+    readout: torch.Tensor
+    hub: MemoryHub
+
+
+class _Tower(greenlet.greenlet):
+    """A tower forward running as a coroutine of the scheduler."""
+
+    def __init__(self, name: str, fn: Callable[[], Any], grad_enabled: bool, attn_implementation: str | None) -> None:
+        super().__init__(run=self._body)
+        self.name = name
+        self.fn = fn
+        self.grad_enabled = grad_enabled
+        self.attn_implementation = attn_implementation
+
+    def _body(self, *_: Any) -> Any:
+        # Extraction layers below the first interaction layer run without autograd (nothing below it is trainable);
+        # the first interaction layer turns the caller's grad mode back on (see `request_prompts`).
+        with torch.no_grad():
+            return self.fn()
+
+    def request_prompts(self, pair: int) -> torch.Tensor | None:
+        """Called by an interaction layer: wait for the hub's carry into `pair` (None for the first pair)."""
+        torch.set_grad_enabled(self.grad_enabled)
+        return self.parent.switch(_PromptRequest(self.name, pair))
+
+    def send_readout(self, pair: int, readout: torch.Tensor, hub: MemoryHub) -> None:
+        """Called by an interaction layer after it ran: hand the prompts' read-out to the scheduler."""
+        self.parent.switch(_Readout(self.name, pair, readout, hub))
+
+
+def current_tower() -> _Tower | None:
+    """The tower coroutine the caller runs in, or None outside a lock-step forward."""
+    current = greenlet.getcurrent()
+    return current if isinstance(current, _Tower) else None
+
+
+@dataclass
+class LockstepResult:
+    """Outputs of a lock-step forward.
+
+    Attributes:
+        text: what the text feature function returned.
+        vision: what the vision feature function returned.
+        hub_outputs: the hub's outputs, one per pair that fed a next pair, in pair order.
+        pairs: number of interaction pairs that ran.
+    """
+
+    text: Any
+    vision: Any
+    hub_outputs: list[HubOutput] = field(default_factory=list)
+    pairs: int = 0
+
+
+class LockstepError(RuntimeError):
+    """The two towers' interaction layers did not pair up."""
+
+
+def run_lockstep(
+    text_fn: Callable[[], Any],
+    vision_fn: Callable[[], Any],
+    attn_implementations: dict[str, str | None] | None = None,
+) -> LockstepResult:
+    """Run `text_fn` and `vision_fn` (the stock tower forwards) in lock-step with the memory hub between them.
+
+    The scheduler is driven by the layers' messages, not by counting layers: a tower that asks for the prompts of
+    pair k waits until both towers handed in their read-outs of pair k-1, then receives the hub's carry. If one tower
+    finishes while the other still waits, the layers did not pair up and `LockstepError` is raised. An exception in
+    either tower ends the other one (nothing is left half-run) and propagates.
+
+    Args:
+        text_fn: runs the text tower and returns its features.
+        vision_fn: runs the vision tower and returns its features.
+        attn_implementations: per tower, the `_attn_implementation` the interaction layers need for mask extension.
+
+    Returns:
+        `LockstepResult`.
+    """
+    grad_enabled = torch.is_grad_enabled()
+    impls = attn_implementations or {}
+    towers = {
+        "text": _Tower("text", text_fn, grad_enabled, impls.get("text")),
+        "vision": _Tower("vision", vision_fn, grad_enabled, impls.get("vision")),
+    }
+    results: dict[str, Any] = {}
+    readouts: dict[int, dict[str, _Readout]] = {}
+    carries: dict[tuple[str, int], torch.Tensor | None] = {}
+    waiting: dict[str, int] = {}
+    hub_outputs: dict[int, HubOutput] = {}
+    pairs_run = {"text": 0, "vision": 0}
+    runnable: deque[tuple[str, Any]] = deque([("text", None), ("vision", None)])
+
+    def serve(name: str, pair: int) -> bool:
+        """Answer `name`'s request for `pair` if the hub can produce it now."""
+        if pair == 0:
+            runnable.append((name, None))
+            return True
+        if (name, pair) not in carries:
+            done = readouts.get(pair - 1, {})
+            if len(done) < 2:
+                return False
+            text, vision = done["text"], done["vision"]
+            if text.hub is not vision.hub:
+                raise LockstepError(f"Interaction pair {pair - 1} mixes two adapters' hubs; activate one adapter.")
+            out = text.hub(text.readout, vision.readout)
+            hub_outputs[pair - 1] = out
+            carries[("text", pair)] = out.text_prompts
+            carries[("vision", pair)] = out.vision_prompts
+            del readouts[pair - 1]
+        runnable.append((name, carries.pop((name, pair))))
+        return True
+
+    try:
+        while runnable:
+            name, value = runnable.popleft()
+            tower = towers[name]
+            message = tower.switch(value)
+            if tower.dead:
+                results[name] = message
+                continue
+            if isinstance(message, _PromptRequest):
+                pairs_run[name] = max(pairs_run[name], message.pair + 1)
+                if not serve(name, message.pair):
+                    waiting[name] = message.pair
+            elif isinstance(message, _Readout):
+                if name in readouts.get(message.pair, {}):
+                    raise LockstepError(f"The {name} tower ran interaction pair {message.pair} twice in one forward.")
+                readouts.setdefault(message.pair, {})[name] = message
+                runnable.append((name, None))
+                other = "vision" if name == "text" else "text"
+                if waiting.get(other) == message.pair + 1 and serve(other, message.pair + 1):
+                    del waiting[other]
+            else:  # pragma: no cover - only the layers switch to the scheduler
+                raise LockstepError(f"Unexpected message from the {name} tower: {message!r}")
+        if waiting:
+            stuck = ", ".join(f"the {n} tower waits for pair {p}" for n, p in waiting.items())
+            raise LockstepError(
+                f"The towers' interaction layers did not pair up ({stuck}, but the other tower finished). Give "
+                "`text_layers` and `vision_layers` the same number of entries."
+            )
+        if pairs_run["text"] != pairs_run["vision"]:
+            raise LockstepError(
+                f"The text tower ran {pairs_run['text']} interaction layers but the vision tower ran "
+                f"{pairs_run['vision']}: the towers' interaction layers did not pair up. Give `text_layers` and "
+                "`vision_layers` the same number of entries."
+            )
+    finally:
+        for tower in towers.values():
+            if not tower.dead:
+                tower.throw(greenlet.GreenletExit)
+    return LockstepResult(
+        text=results["text"],
+        vision=results["vision"],
+        hub_outputs=[hub_outputs[k] for k in sorted(hub_outputs)],
+        pairs=pairs_run["text"],
+    )

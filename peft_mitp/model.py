@@ -1,0 +1,262 @@
+"""`MITPModel`: the peft tuner that decides which layers get temporal prompts and owns the memory hubs."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner
+from torch import nn
+
+from .config import MITPConfig
+from .hub import MemoryHub
+from .layer import MITPLayer
+
+_UPCAST = (torch.float16, torch.bfloat16)
+
+
+def default_pairing(
+    config: MITPConfig, text_depth: int, vision_depth: int
+) -> tuple[list[int], list[int]]:
+    """Resolve the interaction layers of both towers from `config` and the towers' depths.
+
+    The shallower tower takes its last `num_interaction_layers` layers; each is paired with the layer of the deeper
+    tower at the same relative depth, `floor(i * deep / shallow)` (CLIP ViT-L/14: text 8..11 with vision 16, 18, 20,
+    22). A list given for one tower only is mapped to the other tower the same way.
+
+    Raises:
+        ValueError: an index is out of range, or the derived pairing would repeat a layer.
+    """
+    text, vision = config.text_layers, config.vision_layers
+    for name, layers, depth in (("text_layers", text, text_depth), ("vision_layers", vision, vision_depth)):
+        if layers is not None and layers[-1] >= depth:
+            raise ValueError(
+                f"`{name}`={layers} is out of range: this backbone's {name.split('_')[0]} tower has {depth} layers "
+                f"(valid indices 0..{depth - 1})."
+            )
+
+    def mapped(layers: list[int], src_depth: int, dst_depth: int, dst_name: str) -> list[int]:
+        out = [i * dst_depth // src_depth for i in layers]
+        if len(set(out)) != len(out):
+            raise ValueError(
+                f"Mapping {layers} onto a {dst_depth}-layer tower repeats layers ({out}); set `{dst_name}` "
+                "explicitly."
+            )
+        return out
+
+    if text is None and vision is None:
+        count = config.num_interaction_layers
+        shallow = min(text_depth, vision_depth)
+        if count > shallow:
+            raise ValueError(
+                f"`num_interaction_layers`={count} exceeds the shallower tower's depth ({shallow} layers); "
+                f"use at most {shallow}."
+            )
+        if text_depth <= vision_depth:
+            text = list(range(text_depth - count, text_depth))
+        else:
+            vision = list(range(vision_depth - count, vision_depth))
+    if vision is None:
+        vision = mapped(text, text_depth, vision_depth, "vision_layers")
+    if text is None:
+        text = mapped(vision, vision_depth, text_depth, "text_layers")
+    return text, vision
+
+
+class MITPModel(BaseTuner):
+    """The MITP tuner: wraps the interaction layers of both towers and holds one `MemoryHub` per adapter.
+
+    Created by `peft.get_peft_model(task_model, MITPConfig(...))` once `peft_mitp` is imported. The task model must
+    be a `MITPForImageTextClassification` (it runs the towers in lock-step). The hubs live here, in
+    `self.mitp_hub[adapter_name]`, so peft saves and loads them with the adapter; the classification head lives in
+    the task model and is saved through `modules_to_save`.
+
+    Args:
+        model: the `MITPForImageTextClassification` to adapt.
+        config: the `MITPConfig`.
+        adapter_name: name of the adapter, default "default".
+        low_cpu_mem_usage: create the adapter weights on the meta device (they are filled in when loading).
+    """
+
+    prefix: str = "mitp_"
+    tuner_layer_cls = MITPLayer
+    target_module_mapping: dict[str, list[str]] = {}
+    # The hub is shared by all wrapped layers: `inject_adapter_in_model` cannot carry it, `get_peft_model` can.
+    uses_shared_state = True
+
+    # ------------------------------------------------------------------ injection
+    def _prepare_adapter_config(self, peft_config: MITPConfig, model_config: dict) -> MITPConfig:
+        return peft_config
+
+    def _towers(self, model: nn.Module) -> dict[str, Any]:
+        towers = getattr(model, "mitp_towers", None)
+        if towers is None:
+            raise TypeError(
+                f"MITP adapters go on a `MITPForImageTextClassification`, got {type(model).__name__}. Wrap your "
+                "dual encoder first: `MITPForImageTextClassification.from_backbone(backbone, num_labels=...)`."
+            )
+        return towers()
+
+    def inject_adapter(
+        self,
+        model: nn.Module,
+        adapter_name: str,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        state_dict: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        """Resolve the interaction layers, create the adapter's hub, then let peft wrap the layers."""
+        config = self.peft_config[adapter_name]
+        if not isinstance(config, MITPConfig):
+            raise TypeError(f"MITPModel needs an MITPConfig, got {type(config).__name__}.")
+        towers = self._towers(model)
+        text, vision = towers["text"], towers["vision"]
+        text_layers, vision_layers = default_pairing(config, len(text.layers), len(vision.layers))
+        config.text_layers, config.vision_layers = text_layers, vision_layers
+        targets: dict[str, tuple[str, int, int]] = {}
+        for tower, layers, prompts in (
+            (text, text_layers, config.text_prompt_length),
+            (vision, vision_layers, config.vision_prompts),
+        ):
+            kind = "text" if tower is text else "vision"
+            for pair, index in enumerate(layers):
+                targets[f"{tower.layers_path}.{index}"] = (kind, pair, prompts)
+        config.target_modules = list(targets)
+        if not hasattr(self, "_mitp_targets"):
+            self._mitp_targets: dict[str, dict[str, tuple[str, int, int]]] = {}
+        self._mitp_targets[adapter_name] = targets
+        self._mitp_widths = {"text": text.width, "vision": vision.width}
+
+        if "mitp_hub" not in self._modules:
+            self.mitp_hub = nn.ModuleDict()
+        param = next(model.parameters())
+        ctx = torch.device("meta") if low_cpu_mem_usage else nullcontext()
+        with ctx:
+            hub = MemoryHub(
+                text.width,
+                vision.width,
+                hub_dim=config.hub_dim,
+                similarity=config.similarity,
+                temperature=config.effective_temperature,
+                activation=config.activation,
+                interaction=config.interaction,
+                memory=config.memory,
+            )
+        # Under low_cpu_mem_usage (or peft's init_empty_weights) the hub is on the meta device: loading assigns it.
+        if param.device.type != "meta" and not any(p.device.type == "meta" for p in hub.parameters()):
+            hub.to(param.device)
+        self.mitp_hub[adapter_name] = hub
+        super().inject_adapter(
+            model,
+            adapter_name,
+            autocast_adapter_dtype=autocast_adapter_dtype,
+            low_cpu_mem_usage=low_cpu_mem_usage,
+            state_dict=state_dict,
+        )
+
+    def _check_target_module_exists(self, peft_config: MITPConfig, key: str) -> bool:
+        return key in (peft_config.target_modules or [])
+
+    def _create_and_replace(
+        self,
+        peft_config: MITPConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **kwargs: Any,
+    ) -> None:
+        tower, pair, prompts = self._mitp_targets[adapter_name][current_key]
+        if isinstance(target, MITPLayer):
+            target.update_layer(adapter_name, pair=pair, prompt_length=prompts, init_std=peft_config.prompt_init_std)
+            return
+        new_module = MITPLayer(
+            target,
+            adapter_name,
+            tower=tower,
+            pair=pair,
+            prompt_length=prompts,
+            width=self._mitp_widths[tower],
+            init_std=peft_config.prompt_init_std,
+            hubs=self.mitp_hub,
+        )
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        # peft's version assumes a Linear-like child with `.weight`; encoder layers have none.
+        setattr(parent, child_name, new_module)
+
+    # ------------------------------------------------------------------ trainability
+    def _sync_hub_requires_grad(self) -> None:
+        if "mitp_hub" not in self._modules:
+            return
+        disabled = any(getattr(m, "disable_adapters", False) for m in self.model.modules() if isinstance(m, MITPLayer))
+        for name, hub in self.mitp_hub.items():
+            config = self.peft_config.get(name)
+            trainable = (
+                name in self.active_adapters and config is not None and not config.inference_mode and not disabled
+            )
+            hub.requires_grad_(trainable)
+
+    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
+        super()._mark_only_adapters_as_trainable(model)
+        self._sync_hub_requires_grad()
+
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        """Activate one adapter (its prompts, hub and head); see `peft.PeftModel.set_adapter`."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        if len(names) > 1:
+            raise ValueError(f"MITP runs one adapter at a time; got {names}. Pass a single adapter name.")
+        super().set_adapter(adapter_name, inference_mode=inference_mode)
+        if "mitp_hub" in self._modules:
+            for name, hub in self.mitp_hub.items():
+                hub.requires_grad_(name in names and not inference_mode)
+
+    def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
+        """Enable or disable gradients of the given adapters' prompts and hubs."""
+        super().set_requires_grad(adapter_names, requires_grad=requires_grad)
+        names = {adapter_names} if isinstance(adapter_names, str) else set(adapter_names)
+        for name in names & set(self.mitp_hub.keys()):
+            self.mitp_hub[name].requires_grad_(requires_grad)
+
+    def _enable_adapter_layers(self, enabled: bool = True) -> None:
+        super()._enable_adapter_layers(enabled)
+        self._sync_hub_requires_grad()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Delete an adapter: its prompts in every layer, its hub and its head copy."""
+        super().delete_adapter(adapter_name)
+        if adapter_name in self.mitp_hub:
+            del self.mitp_hub[adapter_name]
+        self._mitp_targets.pop(adapter_name, None)
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+        # peft only upcasts containers inside tuner layers; keep the hub in float32 too (bf16/fp16 backbones).
+        if autocast_adapter_dtype and adapter_name in self.mitp_hub:
+            hub = self.mitp_hub[adapter_name]
+            if any(p.dtype in _UPCAST for p in hub.parameters()):
+                hub.to(torch.float32)
+
+    # ------------------------------------------------------------------ merging / unloading
+    def _check_merge_allowed(self) -> None:
+        raise NotImplementedError(
+            "MITP cannot be merged: its temporal prompts are extra tokens and its memory hub runs between the towers, "
+            "so no weights can be folded into the backbone. Use `model.unload()` to get the task model back (it "
+            "keeps the trained classifier), or keep the adapter loaded."
+        )
+
+    # ------------------------------------------------------------------ saving / loading
+    @classmethod
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        # peft strips the adapter name only in the second-to-last segment; the hub nests it deeper.
+        hub_key = re.sub(rf"(^|\.)mitp_hub\.{re.escape(adapter_name)}\.", r"\1mitp_hub.", key)
+        if hub_key != key:
+            return hub_key
+        return super()._remove_adapter_name_from_key(key, adapter_name)

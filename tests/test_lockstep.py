@@ -1,0 +1,247 @@
+"""Lock-step forward: stock features when disabled, padding invariance, mask formats, scheduler faults."""
+
+from __future__ import annotations
+
+import greenlet
+import pytest
+import torch
+from conftest import EOS, PAD, clip_inputs, make_model, tiny_clip
+
+import peft_mitp
+from peft_mitp.hub import MemoryHub
+from peft_mitp.lockstep import LockstepError, current_tower, run_lockstep
+from peft_mitp.prompt_mask import extend_attention_mask
+
+
+def test_disabled_adapter_gives_stock_clip_features(inputs):
+    model = make_model()
+    clip = tiny_clip()  # same seed: the same weights as the wrapped backbone
+    task = model.base_model.model
+    with model.disable_adapter():
+        text, image, _ = task.pooled_features(**inputs)
+    stock_text = clip.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+    stock_image = clip.get_image_features(pixel_values=inputs["pixel_values"])
+    torch.testing.assert_close(text, stock_text.pooler_output, atol=1e-5, rtol=0)
+    torch.testing.assert_close(image, stock_image.pooler_output, atol=1e-5, rtol=0)
+
+
+def test_enabled_adapter_changes_features(inputs):
+    model = make_model()
+    with torch.no_grad():
+        model.base_model.mitp_hub["default"].text_out.weight.normal_()
+    task = model.base_model.model
+    with torch.no_grad():
+        text, image, _ = task.pooled_features(**inputs)
+        with model.disable_adapter():
+            text0, image0, _ = task.pooled_features(**inputs)
+    assert not torch.allclose(text, text0, atol=1e-4)
+    assert not torch.allclose(image, image0, atol=1e-4)
+
+
+def test_wrapping_does_not_touch_backbone_weights():
+    before = tiny_clip().state_dict()
+    model = make_model()
+    after = {
+        k.replace(".base_layer.", "."): v
+        for k, v in model.base_model.model.backbone.state_dict().items()
+        if "mitp_" not in k
+    }
+    assert set(after) == set(before)
+    for name, tensor in before.items():
+        assert torch.equal(after[name], tensor), name
+
+
+def _randomize_hub(model):
+    with torch.no_grad():
+        for p in model.base_model.mitp_hub["default"].parameters():
+            p.normal_(std=0.2)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_padding_does_not_change_logits(attn):
+    model = make_model(attn_implementation=attn)
+    _randomize_hub(model)
+    model.eval()
+    short = clip_inputs(batch=3, length=5, seed=3)
+    # Right-pad to 9 tokens: the EOS stays where it was, padding follows it.
+    padded_ids = torch.full((3, 9), PAD)
+    padded_ids[:, :5] = short["input_ids"]
+    padded_mask = torch.zeros(3, 9, dtype=torch.long)
+    padded_mask[:, :5] = 1
+    with torch.no_grad():
+        alone = model(**short).logits
+        padded = model(input_ids=padded_ids, attention_mask=padded_mask, pixel_values=short["pixel_values"]).logits
+    torch.testing.assert_close(padded, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_mixed_lengths_in_one_batch_match_each_sample_alone():
+    model = make_model()
+    _randomize_hub(model)
+    model.eval()
+    a = clip_inputs(batch=1, length=4, seed=5)
+    b = clip_inputs(batch=1, length=8, seed=6)
+    ids = torch.full((2, 8), PAD)
+    ids[0, :4], ids[1] = a["input_ids"][0], b["input_ids"][0]
+    mask = (ids != PAD).long()
+    pixels = torch.cat([a["pixel_values"], b["pixel_values"]])
+    with torch.no_grad():
+        batch = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+        alone = torch.cat([model(**a).logits, model(**b).logits])
+    torch.testing.assert_close(batch, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_eager_and_sdpa_give_the_same_logits():
+    inputs = clip_inputs(batch=3, length=6, seed=8)
+    inputs["attention_mask"][0, 4:] = 0
+    inputs["input_ids"][0, 3] = EOS
+    logits = []
+    for attn in ("eager", "sdpa"):
+        model = make_model(attn_implementation=attn)
+        _randomize_hub(model)  # same seed in both: identical adapters
+        model.eval()
+        with torch.no_grad():
+            logits.append(model(**inputs).logits)
+    torch.testing.assert_close(logits[0], logits[1], atol=1e-5, rtol=1e-5)
+
+
+def test_causal_text_tower_keeps_causality_with_prompts():
+    """In the first prompted text layer, changing token 4 must leave tokens 0..3 alone (the mask stays causal)."""
+    model = make_model()
+    _randomize_hub(model)
+    task = model.base_model.model
+    assert model.peft_config["default"].text_layers[0] == 2
+    captured = {}
+    handle = task.backbone.text_model.encoder.layers[2].register_forward_hook(
+        lambda module, args, out: captured.__setitem__("h", out)
+    )
+    inputs = clip_inputs(batch=1, length=6, seed=2)
+    changed = {k: v.clone() for k, v in inputs.items()}
+    changed["input_ids"][0, 4] = changed["input_ids"][0, 4] % (EOS - 3) + 1
+    with torch.no_grad():
+        model(**inputs)
+        first = captured["h"].clone()
+        model(**changed)
+        second = captured["h"]
+    handle.remove()
+    torch.testing.assert_close(first[:, :4], second[:, :4], atol=1e-6, rtol=0)
+    assert not torch.allclose(first[:, 4:], second[:, 4:])
+
+
+def test_extend_mask_formats_agree():
+    seq, m = 5, 3
+    causal_bool = torch.ones(seq, seq, dtype=torch.bool).tril()[None, None].repeat(2, 1, 1, 1)
+    causal_bool[1, :, :, 3:] = False  # sample 1 has two padding tokens
+    additive = torch.zeros(2, 1, seq, seq).masked_fill(~causal_bool, torch.finfo(torch.float32).min)
+    kwargs = dict(seq_len=seq, num_prompts=m, is_causal=True, dtype=torch.float32, device=torch.device("cpu"))
+    as_bool = extend_attention_mask(causal_bool, attn_implementation="sdpa", **kwargs)
+    as_float = extend_attention_mask(additive, attn_implementation="eager", **kwargs)
+    assert torch.equal(as_float == 0, as_bool)
+    # tokens see all prompts, prompts see real tokens only, and the token block is unchanged
+    assert as_bool[..., :seq, seq:].all()
+    assert as_bool[1, 0, seq:, :3].all() and not as_bool[1, 0, seq:, 3:seq].any()
+    assert torch.equal(as_bool[..., :seq, :seq], causal_bool)
+    from_none = extend_attention_mask(None, attn_implementation="sdpa", **kwargs)
+    assert torch.equal(from_none[0], as_bool[0])
+    assert extend_attention_mask(None, attn_implementation="sdpa", **{**kwargs, "is_causal": False}) is None
+
+
+def test_extend_mask_flash_2d_and_refusals():
+    kwargs = dict(seq_len=4, num_prompts=2, dtype=torch.float32, device=torch.device("cpu"))
+    mask = torch.tensor([[1, 1, 1, 0]])
+    out = extend_attention_mask(mask, is_causal=False, attn_implementation="flash_attention_2", **kwargs)
+    assert out.tolist() == [[1, 1, 1, 0, 1, 1]]
+    with pytest.raises(NotImplementedError, match="sdpa"):
+        extend_attention_mask(mask, is_causal=True, attn_implementation="flash_attention_2", **kwargs)
+
+    class BlockMask:  # flex attention's type, by name
+        pass
+
+    with pytest.raises(NotImplementedError, match="flex attention"):
+        extend_attention_mask(BlockMask(), is_causal=False, attn_implementation="flex_attention", **kwargs)
+
+
+def _fake_tower(pairs: int, hub: MemoryHub, log: list, width: int):
+    def run():
+        tower = current_tower()
+        for k in range(pairs):
+            carry = tower.request_prompts(k)
+            log.append((tower.name, k, None if carry is None else tuple(carry.shape)))
+            tower.send_readout(k, torch.randn(2, 3, width), hub)
+        return tower.name
+
+    return run
+
+
+def test_scheduler_serves_each_pair_after_both_readouts():
+    hub = MemoryHub(8, 12, hub_dim=4)
+    log: list = []
+    result = run_lockstep(_fake_tower(3, hub, log, 8), _fake_tower(3, hub, log, 12))
+    assert (result.text, result.vision, result.pairs) == ("text", "vision", 3)
+    assert len(result.hub_outputs) == 2  # the last pair's read-outs feed no next pair
+    assert ("text", 0, None) in log and ("text", 2, (2, 3, 8)) in log and ("vision", 1, (2, 3, 12)) in log
+    # pair k+1 of either tower never starts before both towers handed in pair k
+    order = [(name, k) for name, k, _ in log]
+    assert order.index(("text", 1)) > order.index(("vision", 0))
+    assert order.index(("vision", 1)) > order.index(("text", 0))
+
+
+def test_scheduler_refuses_towers_that_do_not_pair_up():
+    hub = MemoryHub(8, 12, hub_dim=4)
+    with pytest.raises(LockstepError, match="did not pair up"):
+        run_lockstep(_fake_tower(3, hub, [], 8), _fake_tower(2, hub, [], 12))
+    with pytest.raises(LockstepError, match="the text tower waits for pair 2"):
+        run_lockstep(_fake_tower(3, hub, [], 8), _fake_tower(1, hub, [], 12))
+
+
+def test_exception_in_one_tower_ends_the_other():
+    hub = MemoryHub(8, 12, hub_dim=4)
+    finished = []
+
+    def vision():
+        tower = current_tower()
+        try:
+            tower.request_prompts(0)
+            tower.send_readout(0, torch.randn(2, 3, 12), hub)
+            tower.request_prompts(1)
+        except greenlet.GreenletExit:
+            finished.append("vision ended")
+            raise
+
+    def text():
+        tower = current_tower()
+        tower.request_prompts(0)
+        raise RuntimeError("boom in text")
+
+    grad_before = torch.is_grad_enabled()
+    with pytest.raises(RuntimeError, match="boom in text"):
+        run_lockstep(text, vision)
+    assert finished == ["vision ended"]
+    assert torch.is_grad_enabled() == grad_before
+
+
+def test_forward_outside_peft_is_the_stock_model(inputs):
+    task = peft_mitp.MITPForImageTextClassification.from_backbone(tiny_clip(), num_labels=3)
+    with torch.no_grad():
+        text, image, hub_outputs = task.pooled_features(**inputs)
+    assert hub_outputs == []
+    stock = tiny_clip().get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
+    torch.testing.assert_close(image, stock, atol=1e-5, rtol=0)
+
+
+def test_missing_modality_and_unknown_inputs_raise_clear_errors(inputs):
+    model = make_model()
+    with pytest.raises(ValueError, match="`pixel_values` is missing"):
+        model(input_ids=inputs["input_ids"])
+    with pytest.raises(ValueError, match="`input_ids` is missing"):
+        model(pixel_values=inputs["pixel_values"])
+    with pytest.raises(TypeError, match="unexpected input 'bogus'"):
+        model(**inputs, bogus=torch.ones(1))
+
+
+def test_hub_activations_are_returned_per_pair(inputs):
+    model = make_model(peft_mitp.MITPConfig(prompt_length=4, vision_prompt_length=3, num_interaction_layers=3, hub_dim=8))
+    out = model(**inputs, output_hub_activations=True)
+    assert len(out.attentions) == 2
+    text_act, vision_act = out.attentions[0]
+    assert text_act.shape == (4, 4, 3) and vision_act.shape == (4, 3, 4)
+    torch.testing.assert_close(text_act.sum(-1), torch.ones(4, 4))

@@ -1,0 +1,205 @@
+"""Saving and loading adapters: fresh-process reload, file contents, and peft's traps for shared hubs."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from conftest import clip_inputs, run_python, tiny_clip
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+
+import peft_mitp
+from peft_mitp import MITPConfig, MITPForImageTextClassification
+
+CONFIG = dict(prompt_length=4, num_interaction_layers=2, hub_dim=16)
+
+
+def _trained(seed=0, steps=2, config=None, num_labels=5):
+    base = MITPForImageTextClassification.from_backbone(tiny_clip(), num_labels=num_labels)
+    torch.manual_seed(seed)
+    model = get_peft_model(base, config or MITPConfig(**CONFIG))
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=5e-2)
+    batch = clip_inputs(seed=seed + 20)
+    for _ in range(steps):
+        model(**batch, labels=torch.arange(4) % num_labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model.eval()
+
+
+def _adapter_state(model, name="default"):
+    from peft import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(model, adapter_name=name)
+
+
+def test_save_then_load_in_a_fresh_process_gives_identical_logits(tmp_path):
+    MITPForImageTextClassification.from_backbone(tiny_clip(), num_labels=5).save_pretrained(tmp_path / "base")
+    model = _trained()
+    model.save_pretrained(tmp_path / "adapter")
+    inputs = clip_inputs(seed=99)
+    save_file(inputs, str(tmp_path / "inputs.safetensors"))
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    run_python(
+        """
+import torch, peft_mitp
+from peft import PeftModel, get_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+base = peft_mitp.MITPForImageTextClassification.from_pretrained("base")
+model = PeftModel.from_pretrained(base, "adapter").eval()
+with torch.no_grad():
+    logits = model(**load_file("inputs.safetensors")).logits
+save_file({"logits": logits, **get_peft_model_state_dict(model)}, "reloaded.safetensors")
+""",
+        cwd=tmp_path,
+    )
+    reloaded = load_file(tmp_path / "reloaded.safetensors")
+    assert torch.equal(reloaded.pop("logits"), expected)
+    state = _adapter_state(model)
+    assert set(reloaded) == set(state)
+    for key, tensor in state.items():
+        assert torch.equal(reloaded[key], tensor), key
+
+
+def test_adapter_file_holds_only_adapter_tensors(tmp_path):
+    model = _trained(steps=0)
+    model.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    assert all(("mitp_" in k) or (".classifier." in k) for k in tensors), sorted(tensors)
+    assert any("mitp_hub" in k for k in tensors) and any("mitp_prompt" in k for k in tensors)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert sum(t.numel() for t in tensors.values()) == trainable
+    size = os.path.getsize(tmp_path / "adapter_model.safetensors")
+    assert 4 * trainable <= size <= 4 * trainable + 8192  # float32 payload plus the JSON header
+
+
+def test_loading_with_is_trainable_resumes_training_and_without_freezes_everything(tmp_path):
+    base_dir = tmp_path / "base"
+    MITPForImageTextClassification.from_backbone(tiny_clip(), num_labels=5).save_pretrained(base_dir)
+    _trained().save_pretrained(tmp_path / "adapter")
+
+    frozen = PeftModel.from_pretrained(MITPForImageTextClassification.from_pretrained(base_dir), tmp_path / "adapter")
+    assert not any(p.requires_grad for p in frozen.parameters())  # the tuner-level hub included
+
+    model = PeftModel.from_pretrained(
+        MITPForImageTextClassification.from_pretrained(base_dir), tmp_path / "adapter", is_trainable=True
+    )
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("mitp_hub" in n for n in trainable) and any("mitp_prompt" in n for n in trainable)
+    assert any("classifier" in n for n in trainable)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.train()
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model(**clip_inputs(), labels=torch.arange(4)).loss.backward()
+    optimizer.step()
+    assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before)
+
+
+def test_second_adapter_from_the_same_file_keeps_the_first_hub_intact(tmp_path):
+    first = _trained(seed=0)
+    first.save_pretrained(tmp_path / "a")
+    second = _trained(seed=1)
+    second.save_pretrained(tmp_path / "b")
+    inputs = clip_inputs(seed=7)
+    with torch.no_grad():
+        logits_a, logits_b = first(**inputs).logits, second(**inputs).logits
+    hub_a = {k: v.clone() for k, v in first.base_model.mitp_hub["default"].state_dict().items()}
+
+    first.load_adapter(tmp_path / "b", adapter_name="other")
+    for key, value in first.base_model.mitp_hub["default"].state_dict().items():
+        assert torch.equal(value, hub_a[key]), key
+    with torch.no_grad():
+        assert torch.equal(first(**inputs).logits, logits_a)
+        first.set_adapter("other")
+        assert torch.equal(first(**inputs).logits, logits_b)
+        first.set_adapter("default")
+        assert torch.equal(first(**inputs).logits, logits_a)
+    first.delete_adapter("other")
+    assert "other" not in first.base_model.mitp_hub
+
+
+def test_set_adapter_moves_trainability_to_the_new_adapters_hub():
+    model = _trained(steps=0)
+    model.add_adapter("second", MITPConfig(**CONFIG))
+    hubs = model.base_model.mitp_hub
+    assert all(p.requires_grad for p in hubs["default"].parameters())
+    assert not any(p.requires_grad for p in hubs["second"].parameters())
+    model.set_adapter("second")
+    assert not any(p.requires_grad for p in hubs["default"].parameters())
+    assert all(p.requires_grad for p in hubs["second"].parameters())
+    with pytest.raises(ValueError, match="one adapter at a time"):
+        model.base_model.set_adapter(["default", "second"])
+
+
+def test_unload_returns_the_task_model_with_the_trained_head(inputs):
+    model = _trained()
+    trained_head = model.base_model.model.classifier.modules_to_save["default"].weight.detach().clone()
+    task = model.unload()
+    assert isinstance(task, MITPForImageTextClassification)
+    assert not any(isinstance(m, peft_mitp.MITPLayer) for m in task.modules())
+    assert torch.equal(task.classifier.weight, trained_head)
+    stock = tiny_clip().get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
+    with torch.no_grad():
+        _, image, _ = task.pooled_features(**inputs)
+    torch.testing.assert_close(image, stock, atol=1e-5, rtol=0)
+
+
+def test_merge_is_refused_with_a_clear_error():
+    model = _trained(steps=0)
+    with pytest.raises(NotImplementedError, match=r"cannot be merged.*unload\(\)"):
+        model.merge_and_unload()
+
+
+def test_bf16_backbone_keeps_a_float32_adapter_and_trains(inputs):
+    clip = tiny_clip().to(torch.bfloat16)
+    base = MITPForImageTextClassification.from_backbone(clip, num_labels=5)
+    model = get_peft_model(base, MITPConfig(**CONFIG))
+    adapter = [p for n, p in model.named_parameters() if "mitp_" in n]
+    assert adapter and all(p.dtype == torch.float32 for p in adapter)
+    batch = {**inputs, "pixel_values": inputs["pixel_values"].to(torch.bfloat16)}
+    out = model(**batch, labels=torch.arange(4))
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for n, p in model.named_parameters() if "mitp_prompt" in n)
+
+
+def test_low_cpu_mem_usage_load_matches_normal_load(tmp_path, inputs):
+    model = _trained()
+    model.save_pretrained(tmp_path)
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    base = MITPForImageTextClassification.from_backbone(tiny_clip(), num_labels=5)
+    loaded = PeftModel.from_pretrained(base, tmp_path, low_cpu_mem_usage=True).eval()
+    assert not any(p.device.type == "meta" for p in loaded.parameters())
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs).logits, expected)
+
+
+def test_task_model_round_trips_through_save_pretrained(tmp_path, inputs):
+    task = MITPForImageTextClassification.from_backbone(tiny_clip(), num_labels=3, problem_type="multi_label_classification")
+    task.save_pretrained(tmp_path)
+    again = MITPForImageTextClassification.from_pretrained(tmp_path)
+    assert again.config.problem_type == "multi_label_classification" and again.config.num_labels == 3
+    with torch.no_grad():
+        assert torch.equal(again(**inputs).logits, task(**inputs).logits)
+    from transformers import AutoConfig
+
+    assert isinstance(AutoConfig.from_pretrained(tmp_path), peft_mitp.MITPTaskConfig)
+
+
+def test_multi_label_loss_is_bce_and_label_shapes_are_checked(inputs):
+    task = MITPForImageTextClassification.from_backbone(tiny_clip(), num_labels=3, problem_type="multi_label_classification")
+    labels = torch.tensor([[1.0, 0.0, 1.0]] * 4)
+    out = task(**inputs, labels=labels)
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(out.logits, labels)
+    torch.testing.assert_close(out.loss, expected)
+    with pytest.raises(ValueError, match=r"shape \(batch, num_labels\)"):
+        task(**inputs, labels=torch.tensor([0, 1, 2, 0]))
+    single = MITPForImageTextClassification.from_backbone(tiny_clip(), num_labels=3)
+    with pytest.raises(ValueError, match="class indices"):
+        single(**inputs, labels=labels)
+    with pytest.raises(ValueError, match=r"must lie in 0..2"):
+        single(**inputs, labels=torch.tensor([0, 1, 2, 3]))
