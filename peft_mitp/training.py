@@ -1,0 +1,403 @@
+"""The main job: fine-tune an MITP adapter on a text-image data set with `transformers.Trainer`.
+
+`mitp train` (see `peft_mitp.cli`) is a thin front for `train(TrainOptions(...))`; the examples call the same
+functions. Everything here runs offline: the default backbone is built from packaged weights
+(`peft_mitp.offline_backbone`) and the default data set is easy-VQA (`peft_mitp.data.load_easy_vqa`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset, DatasetDict
+
+from .config import MITPConfig
+from .modeling import MITPForImageTextClassification
+
+logger = logging.getLogger(__name__)
+
+OFFLINE_BACKBONE = "offline"
+TRAINING_INFO_FILE = "mitp_training.json"
+METRICS_FILE = "metrics.json"
+ADAPTER_DIR = "adapter"
+
+
+@dataclass
+class TrainOptions:
+    """Everything `mitp train` can be told; each field is also a command-line flag and a config-file key.
+
+    Args:
+        backbone: a dual-encoder checkpoint (Hub id or folder), or "offline" for the packaged default.
+        text_backbone / vision_backbone: a separately pre-trained text encoder and vision encoder (PMF style);
+            used instead of `backbone` when both are given.
+        dataset: "easy_vqa", one of the paper's data sets ("food101", "mmimdb", "snli_ve"), or a folder made by
+            `mitp convert` / `peft_mitp.data.convert_*`.
+        data_dir: for the paper's data sets: the public distribution's folder (converted on first use into
+            `<data_dir>/mitp-prepared`), or an already converted folder.
+        max_train_samples / max_eval_samples: cap the splits (quick runs).
+        prompt_length, text_layers, vision_layers, num_interaction_layers, hub_dim, similarity, temperature,
+        activation, interaction, memory: the `MITPConfig` (see docs/method.md).
+        epochs, batch_size, learning_rate, weight_decay, warmup_ratio, max_steps, seed: the Trainer schedule.
+        precision: "fp32", "bf16" or "fp16" (mixed precision of the Trainer; the adapter stays float32).
+        output_dir: where the adapter, metrics, plots and checkpoints go.
+        push_to_hub: a Hub repo id to push the adapter (with its model card) to after training.
+        eval_steps: evaluate every N steps (None: once per epoch).
+        num_workers: DataLoader workers.
+    """
+
+    backbone: str = OFFLINE_BACKBONE
+    text_backbone: str | None = None
+    vision_backbone: str | None = None
+    dataset: str = "easy_vqa"
+    data_dir: str | None = None
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    prompt_length: int = 8
+    text_layers: list[int] | None = None
+    vision_layers: list[int] | None = None
+    num_interaction_layers: int = 3
+    hub_dim: int = 256
+    similarity: str = "scaled_dot"
+    temperature: float | None = None
+    activation: str = "softmax"
+    interaction: bool = True
+    memory: bool = True
+    epochs: float = 1.0
+    batch_size: int = 64
+    learning_rate: float = 3e-3
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.05
+    max_steps: int = -1
+    seed: int = 0
+    precision: str = "fp32"
+    output_dir: str = "mitp-output"
+    push_to_hub: str | None = None
+    eval_steps: int | None = None
+    num_workers: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def mitp_config(self) -> MITPConfig:
+        """The adapter configuration these options describe."""
+        return MITPConfig(
+            prompt_length=self.prompt_length,
+            text_layers=self.text_layers,
+            vision_layers=self.vision_layers,
+            num_interaction_layers=self.num_interaction_layers,
+            hub_dim=self.hub_dim,
+            similarity=self.similarity,
+            temperature=self.temperature,
+            activation=self.activation,
+            interaction=self.interaction,
+            memory=self.memory,
+        )
+
+
+# ---------------------------------------------------------------------------------------------------- building
+def build_task_model(
+    label_names: list[str],
+    multi_label: bool,
+    backbone: str = OFFLINE_BACKBONE,
+    text_backbone: str | None = None,
+    vision_backbone: str | None = None,
+    **from_pretrained_kwargs: Any,
+) -> tuple[MITPForImageTextClassification, Any]:
+    """The task model around a frozen dual encoder, and the processor that prepares its inputs.
+
+    Args:
+        label_names: class names, in id order.
+        multi_label: BCE over independent labels instead of cross-entropy.
+        backbone: "offline" (packaged MiniLM + EfficientNet-Lite0 tower), or a dual-encoder checkpoint.
+        text_backbone / vision_backbone: separately pre-trained towers, combined into a dual encoder.
+        **from_pretrained_kwargs: passed to the backbone's `from_pretrained` (`dtype`, `revision`, ...).
+
+    Returns:
+        `(task_model, processor)`; the processor is called as `processor(text=[...], images=[...],
+        return_tensors="pt", padding=True)`.
+    """
+    head = {
+        "id2label": dict(enumerate(label_names)),
+        "problem_type": "multi_label_classification" if multi_label else "single_label_classification",
+    }
+    if text_backbone and vision_backbone:
+        from . import processing
+
+        model = MITPForImageTextClassification.from_text_vision_pretrained(
+            text_backbone, vision_backbone, **head, **from_pretrained_kwargs
+        )
+        return model, processing.load_processor(text_name_or_path=text_backbone, vision_name_or_path=vision_backbone)
+    if backbone == OFFLINE_BACKBONE:
+        from .offline_backbone import build_offline_backbone, offline_processor
+
+        return MITPForImageTextClassification.from_backbone(build_offline_backbone(), **head), offline_processor()
+    from . import processing
+
+    model = MITPForImageTextClassification.from_pretrained(backbone, **head, **from_pretrained_kwargs)
+    return model, processing.load_processor(backbone)
+
+
+def load_data(options: TrainOptions) -> tuple[DatasetDict, list[str], bool]:
+    """The data set as a `DatasetDict` (train / validation / test), its class names and whether it is multi-label."""
+    from .data import DATASETS, get_label_names, load_easy_vqa, load_prepared, read_meta
+
+    if options.dataset == "easy_vqa":
+        data = load_easy_vqa(max_train=options.max_train_samples, max_test=options.max_eval_samples, seed=options.seed)
+        return data, get_label_names(data), False
+    if options.dataset in DATASETS:
+        if options.data_dir is None:
+            raise ValueError(
+                f"--dataset {options.dataset} needs --data-dir: the folder of the public distribution (see "
+                "docs/data.md for the expected layout) or one converted by `mitp convert`."
+            )
+        source = Path(options.data_dir)
+        prepared = source if (source / "mitp_dataset.json").exists() else source / "mitp-prepared"
+        if not (prepared / "mitp_dataset.json").exists():
+            DATASETS[options.dataset].converter(source, prepared)
+        data = load_prepared(prepared)
+    else:
+        prepared = Path(options.dataset)
+        if not (prepared / "mitp_dataset.json").exists():
+            raise ValueError(
+                f"--dataset {options.dataset!r} is neither a known data set (easy_vqa, {', '.join(DATASETS)}) nor a "
+                "converted folder (one with mitp_dataset.json)."
+            )
+        data = load_prepared(prepared)
+    data = _cap(data, options)
+    return data, get_label_names(data), bool(read_meta(prepared).get("multi_label", False))
+
+
+def _cap(data: DatasetDict, options: TrainOptions) -> DatasetDict:
+    limits = {"train": options.max_train_samples, "validation": options.max_eval_samples, "test": options.max_eval_samples}
+    out = {}
+    for split, ds in data.items():
+        limit = limits.get(split)
+        out[split] = ds.shuffle(seed=options.seed).select(range(min(limit, len(ds)))) if limit else ds
+    return DatasetDict(out)
+
+
+class ImageTextCollator:
+    """Turns rows with `image`, `text` and `label`/`labels` into model inputs with the backbone's processor.
+
+    Processing happens per batch, in the DataLoader, so nothing is pre-computed or cached on disk.
+
+    Args:
+        processor: called as `processor(text=texts, images=images, return_tensors="pt", padding=True)`.
+        multi_label: read `labels` (lists of 0/1) instead of `label` (class index).
+        max_length: truncate texts to this many tokens (None: the tokenizer's limit).
+    """
+
+    def __init__(self, processor: Any, multi_label: bool = False, max_length: int | None = None) -> None:
+        self.processor = processor
+        self.multi_label = multi_label
+        self.max_length = max_length
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        images = [row["image"].convert("RGB") for row in rows]
+        texts = [row["text"] for row in rows]
+        kwargs: dict[str, Any] = {"padding": True, "truncation": True}
+        if self.max_length is not None:
+            kwargs["max_length"] = self.max_length
+        batch = dict(self.processor(text=texts, images=images, return_tensors="pt", **kwargs))
+        if "label" in rows[0] or "labels" in rows[0]:
+            if self.multi_label:
+                batch["labels"] = torch.tensor([row["labels"] for row in rows], dtype=torch.float32)
+            else:
+                batch["labels"] = torch.tensor([row["label"] for row in rows], dtype=torch.long)
+        return batch
+
+
+# ---------------------------------------------------------------------------------------------------- training
+def train(options: TrainOptions) -> dict[str, Any]:
+    """Fine-tune an MITP adapter, evaluate it, and save adapter, model card, metrics and plots.
+
+    Returns:
+        The final metrics (validation and test), as also written to `<output_dir>/metrics.json`.
+    """
+    from peft import get_peft_model
+    from transformers import Trainer, TrainingArguments, set_seed
+
+    from .metrics import make_compute_metrics
+
+    set_seed(options.seed)
+    output = Path(options.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    data, label_names, multi_label = load_data(options)
+    base, processor = build_task_model(
+        label_names, multi_label, options.backbone, options.text_backbone, options.vision_backbone
+    )
+    model = get_peft_model(base, options.mitp_config())
+    trainable, total = model.get_nb_trainable_parameters()
+    logger.info("MITP adapter: %s trainable of %s parameters", f"{trainable:,}", f"{total:,}")
+
+    eval_split = "validation" if "validation" in data else "test"
+    steps_per_epoch = math.ceil(len(data["train"]) / options.batch_size)
+    eval_strategy = "steps" if options.eval_steps else "epoch"
+    args = TrainingArguments(
+        output_dir=str(output / "checkpoints"),
+        num_train_epochs=options.epochs,
+        max_steps=options.max_steps,
+        per_device_train_batch_size=options.batch_size,
+        per_device_eval_batch_size=options.batch_size * 2,
+        learning_rate=options.learning_rate,
+        weight_decay=options.weight_decay,
+        warmup_steps=int(options.warmup_ratio * (options.max_steps if options.max_steps > 0 else steps_per_epoch * options.epochs)),
+        lr_scheduler_type="cosine",
+        eval_strategy=eval_strategy,
+        eval_steps=options.eval_steps,
+        save_strategy=eval_strategy,
+        save_steps=options.eval_steps,
+        save_total_limit=1,
+        logging_steps=max(1, min(20, steps_per_epoch // 10)),
+        report_to=[],
+        label_names=["labels"],
+        remove_unused_columns=False,
+        dataloader_num_workers=options.num_workers,
+        bf16=options.precision == "bf16",
+        fp16=options.precision == "fp16",
+        use_cpu=not torch.cuda.is_available(),
+        seed=options.seed,
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=data["train"],
+        eval_dataset=data[eval_split],
+        data_collator=ImageTextCollator(processor, multi_label=multi_label),
+        compute_metrics=make_compute_metrics(multi_label),
+    )
+    trainer.train()
+    metrics: dict[str, Any] = {f"validation_{k.removeprefix('eval_')}": v for k, v in trainer.evaluate().items()}
+    if "test" in data and eval_split != "test":
+        test = trainer.predict(data["test"], metric_key_prefix="test")
+        metrics.update(test.metrics)
+        if "question_type" in data["test"].column_names and not multi_label:
+            metrics.update(_per_group_accuracy(test.predictions, test.label_ids, data["test"]["question_type"]))
+    metrics["train_seconds"] = round(time.monotonic() - started, 1)
+    metrics["trainable_parameters"] = trainable
+    metrics["total_parameters"] = total
+
+    adapter_dir = output / ADAPTER_DIR
+    info = {
+        "backbone": options.backbone,
+        "text_backbone": options.text_backbone,
+        "vision_backbone": options.vision_backbone,
+        "dataset": options.dataset,
+        "label_names": label_names,
+        "multi_label": multi_label,
+        "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+        "epochs": options.epochs,
+        "options": {k: v for k, v in asdict(options).items() if k != "extra"},
+    }
+    adapter_dir.mkdir(parents=True, exist_ok=True)
+    (adapter_dir / TRAINING_INFO_FILE).write_text(json.dumps(info, indent=2))
+    model.save_pretrained(adapter_dir)
+    (output / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+    _write_plots(trainer.state.log_history, model, data[eval_split], processor, multi_label, output)
+    if options.push_to_hub:
+        model.push_to_hub(options.push_to_hub)
+    return metrics
+
+
+def _per_group_accuracy(predictions: Any, labels: Any, groups: list[str]) -> dict[str, float]:
+    predicted = torch.as_tensor(predictions[0] if isinstance(predictions, tuple) else predictions).argmax(-1)
+    labels = torch.as_tensor(labels)
+    out = {}
+    for group in sorted(set(groups)):
+        mask = torch.tensor([g == group for g in groups])
+        out[f"test_accuracy_{group.replace('/', '_')}"] = (predicted[mask] == labels[mask]).float().mean().item()
+    return out
+
+
+def _write_plots(log_history: list[dict], model: Any, eval_data: Dataset, processor: Any, multi_label: bool, output: Path) -> None:
+    from .plots import plot_activations, plot_training_curves
+
+    plot_training_curves(log_history, output / "training_curves.png")
+    row = eval_data[0]
+    batch = ImageTextCollator(processor, multi_label)([row])
+    batch.pop("labels", None)
+    model.eval()
+    with torch.no_grad():
+        out = model(**batch, output_hub_activations=True)
+    if out.attentions:
+        plot_activations(out.attentions, output / "hub_activations.png", title=row["text"])
+
+
+# ---------------------------------------------------------------------------------------------------- loading back
+def _adapter_folder(path: str | Path) -> Path:
+    path = Path(path)
+    return path / ADAPTER_DIR if (path / ADAPTER_DIR / "adapter_config.json").exists() else path
+
+
+def load_training_info(adapter_dir: str | Path) -> dict[str, Any]:
+    """What `train` recorded next to the adapter (backbone, data set, label names, metrics, options)."""
+    info_path = _adapter_folder(adapter_dir) / TRAINING_INFO_FILE
+    if not info_path.exists():
+        raise FileNotFoundError(
+            f"{info_path} is missing: `mitp evaluate/predict/explain` need an adapter saved by `mitp train` (it "
+            "records the backbone and label names there). For other adapters use peft_mitp's Python API."
+        )
+    return json.loads(info_path.read_text())
+
+
+def load_trained(adapter_dir: str | Path, **from_pretrained_kwargs: Any) -> tuple[Any, Any, dict[str, Any]]:
+    """Rebuild backbone, task model and adapter saved by `train`.
+
+    Returns:
+        `(peft_model, processor, training_info)`.
+    """
+    from peft import PeftModel
+
+    info = load_training_info(adapter_dir)
+    adapter_dir = _adapter_folder(adapter_dir)
+    base, processor = build_task_model(
+        info["label_names"],
+        info["multi_label"],
+        info["backbone"],
+        info.get("text_backbone"),
+        info.get("vision_backbone"),
+        **from_pretrained_kwargs,
+    )
+    model = PeftModel.from_pretrained(base, adapter_dir).eval()
+    return model, processor, info
+
+
+def evaluate_adapter(adapter_dir: str | Path, options: TrainOptions, split: str = "test") -> dict[str, float]:
+    """Metrics of a trained adapter on one split of a data set."""
+    from tqdm.auto import tqdm
+
+    from .metrics import compute_classification_metrics
+
+    model, processor, info = load_trained(adapter_dir)
+    data, _, multi_label = load_data(options)
+    if split not in data:
+        raise ValueError(f"The data set has no split {split!r}; it has {sorted(data)}.")
+    collate = ImageTextCollator(processor, multi_label=multi_label)
+    rows, logits, labels = data[split], [], []
+    for start in tqdm(range(0, len(rows), options.batch_size), desc=f"evaluate {split}"):
+        batch = collate([rows[i] for i in range(start, min(start + options.batch_size, len(rows)))])
+        labels.append(batch.pop("labels"))
+        with torch.no_grad():
+            logits.append(model(**batch).logits.float())
+    return compute_classification_metrics(
+        torch.cat(logits).numpy(), torch.cat(labels).numpy(), multi_label=multi_label
+    )
+
+
+def predict(model: Any, processor: Any, label_names: list[str], images: list[Any], texts: list[str], multi_label: bool, top_k: int = 3) -> list[list[tuple[str, float]]]:
+    """Top-k labels with scores (softmax probabilities, or sigmoid for multi-label) for image-text pairs."""
+    batch = ImageTextCollator(processor)([{"image": i, "text": t} for i, t in zip(images, texts, strict=True)])
+    with torch.no_grad():
+        logits = model(**batch).logits.float()
+    scores = logits.sigmoid() if multi_label else logits.softmax(-1)
+    values, indices = scores.topk(min(top_k, scores.shape[-1]), dim=-1)
+    return [
+        [(label_names[i], round(v, 4)) for v, i in zip(vs.tolist(), ids.tolist(), strict=True)]
+        for vs, ids in zip(values, indices, strict=True)
+    ]

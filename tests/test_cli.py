@@ -1,0 +1,94 @@
+"""The `mitp` command line end to end on the offline default, on a tiny budget."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from peft_mitp.cli import main
+
+SUBCOMMANDS = ["train", "evaluate", "predict", "explain", "convert"]
+
+
+def test_console_script_has_help_on_every_subcommand():
+    for command in [[], *[[name] for name in SUBCOMMANDS]]:
+        proc = subprocess.run(
+            [sys.executable, "-m", "peft_mitp.cli", *command, "--help"], capture_output=True, text=True, timeout=120
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert "usage: mitp" in proc.stdout
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    config = out / "run.yaml"
+    config.write_text("max-train-samples: 96\nmax_eval_samples: 48\nbatch_size: 16\nprompt_length: 4\n")
+    code = main(["train", "--config", str(config), "--max-steps", "4", "--num-interaction-layers", "2",
+                 "--output-dir", str(out)])
+    assert code == 0
+    return out
+
+
+@pytest.mark.slow
+def test_train_writes_adapter_card_metrics_and_plots(trained):
+    adapter = trained / "adapter"
+    for name in ("adapter_config.json", "adapter_model.safetensors", "README.md", "mitp_training.json"):
+        assert (adapter / name).exists(), name
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["peft_type"] == "MITP" and config["prompt_length"] == 4  # flags and config file both applied
+    assert len(config["text_layers"]) == 2
+    metrics = json.loads((trained / "metrics.json").read_text())
+    assert 0.0 <= metrics["test_accuracy"] <= 1.0
+    assert {"test_accuracy_yes_no", "test_accuracy_color", "test_accuracy_shape"} <= set(metrics)
+    for plot in ("training_curves.png", "hub_activations.png"):
+        assert (trained / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    info = json.loads((adapter / "mitp_training.json").read_text())
+    assert info["dataset"] == "easy_vqa" and len(info["label_names"]) == 13
+
+
+@pytest.mark.slow
+def test_evaluate_predict_and_explain_read_the_adapter_back(trained, tmp_path, capsys):
+    assert main(["evaluate", str(trained), "--max-eval-samples", "32", "--batch-size", "16"]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert 0.0 <= evaluated["accuracy"] <= 1.0
+
+    image = tmp_path / "shape.png"
+    Image.new("RGB", (64, 64), (255, 0, 0)).save(image)
+    assert main(["predict", str(trained), "--image", str(image), "--text", "what color is the shape?"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    info = json.loads((trained / "adapter" / "mitp_training.json").read_text())
+    predicted = line.split("\t")[2].split(" (")[0]
+    assert predicted in info["label_names"]
+
+    listing = tmp_path / "pairs.jsonl"
+    listing.write_text(json.dumps({"image": "shape.png", "text": "is there a circle?"}) + "\n")
+    assert main(["predict", str(trained), "--inputs", str(listing), "--top-k", "2"]) == 0
+    assert capsys.readouterr().out.count("(") == 2
+
+    plot = tmp_path / "act.png"
+    assert main(["explain", str(trained), "--image", str(image), "--text", "what shape?", "--output", str(plot)]) == 0
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_unknown_config_keys_are_refused(tmp_path):
+    config = tmp_path / "bad.json"
+    config.write_text(json.dumps({"prompt_lenght": 4}))
+    with pytest.raises(SystemExit, match="unknown option"):
+        main(["train", "--config", str(config)])
+
+
+def test_paper_dataset_without_data_dir_says_what_to_do(tmp_path):
+    with pytest.raises(ValueError, match="needs --data-dir"):
+        main(["train", "--dataset", "food101", "--output-dir", str(tmp_path)])
+
+
+def test_predict_without_inputs_says_what_to_give(tmp_path):
+    with pytest.raises(SystemExit, match="give --image and --text"):
+        main(["predict", str(tmp_path)])
+    with pytest.raises(SystemExit, match="does not exist"):
+        main(["predict", str(tmp_path), "--image", str(tmp_path / "missing.png"), "--text", "what shape?"])
