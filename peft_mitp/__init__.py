@@ -4,22 +4,34 @@
 `PeftConfig.from_pretrained` understand `"peft_type": "MITP"`.
 """
 
+from .card import write_model_card
 from .config import MITPConfig, MITPPeftType
-from .families import BackboneFamily, TowerSpec, UnsupportedBackboneError, register_family, supported_model_types
+from .families import (
+    BackboneFamily,
+    TokenArgument,
+    TowerSpec,
+    UnsupportedBackboneError,
+    register_family,
+    supported_model_types,
+)
 from .hub import HubOutput, MemoryHub
 from .layer import MITPLayer
 from .lockstep import LockstepError
 from .model import MITPModel
 from .modeling import MITPForImageTextClassification, MITPTaskConfig
+from .processing import ImageTextProcessor, load_processor
 from .registration import register
+from .sharing import install_hooks, load_adapter_model, push_adapter_to_hub, save_adapter
 
 register()
+install_hooks()  # the MITP model card in save_pretrained / push_to_hub (docs/sharing.md)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackboneFamily",
     "HubOutput",
+    "ImageTextProcessor",
     "LockstepError",
     "MITPConfig",
     "MITPForImageTextClassification",
@@ -28,9 +40,16 @@ __all__ = [
     "MITPPeftType",
     "MITPTaskConfig",
     "MemoryHub",
+    "TokenArgument",
     "TowerSpec",
     "UnsupportedBackboneError",
+    "install_hooks",
+    "load_adapter_model",
+    "load_processor",
+    "push_adapter_to_hub",
     "register",
     "register_family",
+    "save_adapter",
     "supported_model_types",
+    "write_model_card",
 ]

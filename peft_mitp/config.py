@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import difflib
 import enum
-from dataclasses import dataclass, field
-from typing import Literal
+import functools
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
 
 from peft.config import PeftConfig
 
@@ -136,9 +139,59 @@ class MITPConfig(PeftConfig):
         metadata={"help": "Filled in when the adapter is created: the full names of the wrapped interaction "
                   "layers. Leave it None; choose layers with `text_layers` / `vision_layers`."},
     )
+    # ---- The backbone this adapter was built for (docs/reliability.md, "Loading checks") ---------------------------
+    backbone: dict[str, Any] | None = field(
+        default=None,
+        metadata={
+            "help": "Filled in when the adapter is created: the backbone it was built for, as {'model_type', "
+            "'text_model_type', 'vision_model_type', 'text_width', 'vision_width', 'text_depth', 'vision_depth'}. "
+            "Loading the adapter onto a backbone that differs in any of them raises a ValueError naming both. "
+            "Leave it None (adapters saved without it are not checked)."
+        },
+    )
     modules_to_save: list[str] | None = field(
         default_factory=lambda: ["classifier"],
         metadata={"help": "Modules of the task model trained and saved with the adapter (the classification head)."},
+    )
+
+    # ---- The head this adapter was trained with (docs/sharing.md) ------------------------------------------------
+    num_labels: int | None = field(
+        default=None,
+        metadata={
+            "help": "Filled in when the adapter is created: the size of the task model's classification head. "
+            "Loading checks it against the base model, and `peft_mitp.load_adapter_model` / `AutoPeftModel` use it "
+            "to build the right head around a bare dual-encoder checkpoint. Leave it None."
+        },
+    )
+    id2label: dict[int, str] | None = field(
+        default=None,
+        metadata={"help": "Filled in when the adapter is created: the class names, when the task model has real "
+                  "ones (None for transformers' default 'LABEL_i' names). Leave it None."},
+    )
+    problem_type: str | None = field(
+        default=None,
+        metadata={"help": "Filled in when the adapter is created: the task model's `problem_type` (None or "
+                  "'single_label_classification': cross-entropy; 'multi_label_classification': BCE). Leave it None."},
+    )
+
+    # ---- Missing modalities (docs/reliability.md, "Missing modalities") ------------------------------------------
+    missing_modality: bool = field(
+        default=False,
+        metadata={
+            "help": "Let a sample lack its image or its text. The adapter then holds learned stand-ins (in its memory "
+            "hub) for the missing tower's prompt read-outs at every interaction pair and for its pooled feature; "
+            "forward accepts `image_present` / `text_present` masks or `pixel_values=None` / `input_ids=None`. "
+            "Off: no extra parameters and every sample needs both modalities."
+        },
+    )
+    modality_dropout: float = field(
+        default=0.0,
+        metadata={
+            "help": "Training only, with `missing_modality=True`: the probability that a sample with both "
+            "modalities loses one of them (image or text, equally likely; never both) for a training step, so the "
+            "stand-ins and the head learn to cope with a missing modality. 0.1 to 0.3 is a useful range when "
+            "modalities go missing at inference time."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -174,6 +227,21 @@ class MITPConfig(PeftConfig):
             raise ValueError(f"`temperature` must be > 0 (or None for the default), got {self.temperature!r}.")
         if not self.prompt_init_std >= 0:
             raise ValueError(f"`prompt_init_std` must be >= 0, got {self.prompt_init_std!r}.")
+        # The recorded head (docs/sharing.md); JSON turns id2label's int keys into strings.
+        if self.num_labels is not None and (
+            not isinstance(self.num_labels, int) or isinstance(self.num_labels, bool) or self.num_labels < 1
+        ):
+            raise ValueError(f"`num_labels` must be a positive integer or None, got {self.num_labels!r}.")
+        if self.id2label is not None:
+            self.id2label = {int(k): str(v) for k, v in self.id2label.items()}
+        # Missing modalities.
+        if isinstance(self.modality_dropout, bool) or not 0.0 <= self.modality_dropout <= 1.0:
+            raise ValueError(f"`modality_dropout` must lie in [0, 1], got {self.modality_dropout!r}.")
+        if self.modality_dropout > 0 and not self.missing_modality:
+            raise ValueError(
+                f"`modality_dropout`={self.modality_dropout} drops modalities, which needs the stand-ins of "
+                "`missing_modality=True`: set both (or leave `modality_dropout` at 0)."
+            )
 
     @property
     def text_prompt_length(self) -> int:
@@ -191,3 +259,82 @@ class MITPConfig(PeftConfig):
         if self.temperature is not None:
             return float(self.temperature)
         return 0.1 if self.similarity == "cosine" else 1.0
+
+    # ---- Loading checks (docs/reliability.md, "Loading checks") ------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        subfolder: str | None = None,
+        check_weights: bool = True,
+        **kwargs: Any,
+    ) -> MITPConfig:
+        """Load an MITP adapter's config, refusing what peft would otherwise accept quietly.
+
+        peft calls this from `PeftModel.from_pretrained` and `PeftModel.load_adapter`, before it reads the adapter's
+        weights. On top of peft's loading, it refuses:
+
+        - an `adapter_config.json` of another peft method (peft would hand back, say, a `LoraConfig`);
+        - fields this version of `MITPConfig` does not know (peft would drop them with a warning);
+        - with `check_weights`, an adapter whose `adapter_model.safetensors` is missing, truncated, or present only as
+          a pickled `adapter_model.bin` (see `peft_mitp.model.check_adapter_weights`).
+
+        Args:
+            pretrained_model_name_or_path: a local adapter directory or a Hub repo id.
+            subfolder: the adapter's subfolder inside it, if any.
+            check_weights: also check the weights file (default True). Pass False to read the config of a directory
+                that holds no weights.
+            **kwargs: as for `peft.PeftConfig.from_pretrained` (`revision`, `token`, `cache_dir`, ...).
+
+        Returns:
+            The `MITPConfig`.
+
+        Raises:
+            ValueError: the config belongs to another peft method, or the weights file is not a complete safetensors
+                file or is a pickle.
+            TypeError: the config has fields `MITPConfig` does not know.
+            FileNotFoundError: with `check_weights`, there is no `adapter_model.safetensors`.
+        """
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        if not isinstance(config, MITPConfig):
+            where = os.path.join(str(pretrained_model_name_or_path), subfolder or "").rstrip("/")
+            peft_type = getattr(config.peft_type, "value", config.peft_type)
+            raise ValueError(
+                f"{where}/adapter_config.json describes a {peft_type} adapter, not an MITP one. Load it with "
+                f"`peft.PeftModel.from_pretrained(<the model it was trained on>, {where!r})` (peft picks "
+                "the method from the file), or point to a directory saved from an MITP adapter."
+            )
+        if check_weights:
+            from .model import check_adapter_weights  # model.py imports this module
+
+            check_adapter_weights(pretrained_model_name_or_path, subfolder=subfolder, **cls._split_kwargs(kwargs)[0])
+        return config
+
+
+# ---- Unknown fields (docs/reliability.md, "Loading checks") --------------------------------------------------------
+# peft's `PeftConfig.from_peft_type` catches "got an unexpected keyword argument", drops the unknown keys of an
+# `adapter_config.json` and only warns. An MITP field this version does not know may change what the adapter computes
+# (a newer release's option, a hand edit), so MITP refuses it with its own TypeError, which peft re-raises.
+def _refuse_unknown_fields(init: Any) -> Any:
+    @functools.wraps(init)
+    def __init__(self: MITPConfig, *args: Any, **kwargs: Any) -> None:
+        known = {f.name for f in fields(type(self)) if f.init}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            hints = []
+            for name in unknown:
+                close = difflib.get_close_matches(name, sorted(known), n=1)
+                hints.append(f"{name!r} (did you mean {close[0]!r}?)" if close else repr(name))
+            raise TypeError(
+                f"{type(self).__name__} has no field(s) {', '.join(hints)} (docs/api.md lists its fields). An "
+                "adapter_config.json with fields this version of peft_mitp does not know was saved by a newer "
+                "peft_mitp or edited by hand: upgrade peft_mitp (`pip install -U peft-mitp`), or delete those keys "
+                "from the file if you are sure they do not matter. MITP does not drop them silently, since they may "
+                "change what the adapter computes."
+            )
+        init(self, *args, **kwargs)
+
+    return __init__
+
+
+MITPConfig.__init__ = _refuse_unknown_fields(MITPConfig.__init__)

@@ -2,29 +2,153 @@
 
 MITP runs every family's own stock feature functions (`get_text_features` / `get_image_features`), so a family needs
 no forward of its own here: only where its towers and their encoder-layer lists live, which inputs go to which
-tower, and how wide the pooled features are. Adding a family is one `register_family(...)` call (see
-`docs/backbones.md`).
+tower, how wide the pooled features are, and the few call arguments of its layers that are per token (they must grow
+with the appended prompts). Adding a family is one `register_family(...)` call plus its test (see
+`docs/backbones.md`); adding a stand-alone tower for `VisionTextDualEncoderModel` is one `TOWER_LAYER_PATHS` entry.
+
+Everything here was checked against transformers 5.24 by `tests/test_families.py` (tiny configs of every family).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
+TokenArgumentKind = Literal["rotary", "pairwise", "mask"]
+
+
+@dataclass(frozen=True)
+class TokenArgument:
+    """A call argument of a tower's encoder layers that holds one entry per token and must grow with the prompts.
+
+    MITP appends M prompts after the L tokens of an interaction layer; the attention mask is always extended. Some
+    layers take further per-token arguments, which `MITPLayer` extends by their kind:
+
+    - "rotary": a `(cos, sin)` pair of rotary position embeddings with the tokens on dim -2 (DINOv3 covers its patch
+      tokens only, MLCD all tokens). The prompts get the identity rotation (cos = 1, sin = 0): they are
+      position-free, like DINOv3's class and register tokens, so padding never moves them.
+    - "pairwise": an additive attention bias of shape (..., L, L), e.g. MPNet's relative position bias; the prompt
+      rows and columns get 0 (no bias).
+    - "mask": a second attention mask in the same formats as `attention_mask` (e.g. a local-attention mask), extended
+      by `extend_attention_mask` with the same rule.
+
+    Args:
+        name: the argument's name in the layer's `forward` signature (positional or keyword, both are found).
+        kind: "rotary", "pairwise" or "mask", as above.
+    """
+
+    name: str
+    kind: TokenArgumentKind
+
+
+# Rotary position embeddings, as transformers 5.x hands them to a layer: `position_embeddings=(cos, sin)`.
+ROTARY = TokenArgument("position_embeddings", "rotary")
+
 # Where a stand-alone encoder keeps its layer list, by `config.model_type` (towers of `VisionTextDualEncoderModel`).
+# `VisionTextDualEncoderModel` projects each tower's `pooler_output`, so only towers with a pooler are listed; each is
+# checked by `tests/test_families.py`. Towers that cannot work are in `REFUSED`, with the reason.
 TOWER_LAYER_PATHS: dict[str, str] = {
+    # text towers
     "bert": "encoder.layer",
     "roberta": "encoder.layer",
     "xlm-roberta": "encoder.layer",
-    "vit": "encoder.layer",
-    "deit": "encoder.layer",
+    "xlm-roberta-xl": "encoder.layer",
+    "camembert": "encoder.layer",
+    "ernie": "encoder.layer",
+    "data2vec-text": "encoder.layer",
+    "megatron-bert": "encoder.layer",
+    "mpnet": "encoder.layer",
+    "jina_embeddings_v3": "layers",
     "clip_text_model": "encoder.layers",
+    # vision towers
+    "vit": "layers",
+    "deit": "layers",
+    "pixio": "layers",
+    "dinov2": "encoder.layer",
+    "dinov2_with_registers": "encoder.layer",
+    "dinov3_vit": "model.layer",
     "clip_vision_model": "encoder.layers",
+    "siglip_vision_model": "encoder.layers",
+    "aimv2_vision_model": "encoder.layers",
+    "mlcd_vision_model": "encoder.layers",
+    # the offline default's vision tower (`peft_mitp.offline_backbone`)
     "mitp_convstem_vit": "encoder.layer",
+}
+
+# Per-token layer arguments of stand-alone towers, by `config.model_type` (see `TokenArgument`).
+TOWER_TOKEN_ARGUMENTS: dict[str, tuple[TokenArgument, ...]] = {
+    "mpnet": (TokenArgument("position_bias", "pairwise"),),
+    "jina_embeddings_v3": (ROTARY,),
+    "dinov3_vit": (ROTARY,),
+    "mlcd_vision_model": (ROTARY,),
+}
+
+_NO_POOLER = (
+    "has no pooled output (`pooler_output`), which `VisionTextDualEncoderModel` projects; use a tower with a pooler "
+    "(e.g. BERT, RoBERTa, ViT, DINOv2)"
+)
+_CNN = "is a convolutional network: it has no token layers to put prompts into"
+_HIERARCHICAL = (
+    "is hierarchical: windowed attention over stages that merge tokens, so appended prompts have no place in its "
+    "windows"
+)
+_SINGLE_STREAM = "is a fusion (single-stream or cross-attention) model, not a dual encoder of two separate towers"
+
+# Model types MITP refuses, with the reason given to the user (dual-encoder families and stand-alone towers alike).
+REFUSED: dict[str, str] = {
+    "align": "ALIGN's image tower is an EfficientNet, a convolutional network: it has no token layers to put "
+    "prompts into",
+    "blip-2": "BLIP-2 pairs a Q-Former with a generative language model (its `get_text_features` runs the language "
+    "model); it is not a dual encoder of two transformer encoders",
+    "groupvit": "GroupViT's image tower is hierarchical: its layers are spread over grouping stages that merge "
+    "tokens between stages, so there is no single layer list to pair with the text tower",
+    "xclip": "X-CLIP encodes videos, not images",
+    "videoprism": "VideoPrism encodes videos, not images",
+    "pe_video": "PE-Video encodes videos, not images",
+    "clap": "CLAP encodes audio, not images",
+    "clvp": "CLVP encodes speech, not images",
+    "sam3": "SAM 3 is a promptable segmentation model, not a dual encoder",
+    "bridgetower": "BridgeTower " + _SINGLE_STREAM,
+    "vilt": "ViLT " + _SINGLE_STREAM,
+    "lxmert": "LXMERT " + _SINGLE_STREAM,
+    "visual_bert": "VisualBERT " + _SINGLE_STREAM,
+    # stand-alone towers a `VisionTextDualEncoderModel` cannot use
+    "electra": "ELECTRA " + _NO_POOLER,
+    "distilbert": "DistilBERT " + _NO_POOLER,
+    "deberta": "DeBERTa " + _NO_POOLER,
+    "deberta-v2": "DeBERTa-v2 " + _NO_POOLER,
+    "roformer": "RoFormer " + _NO_POOLER,
+    "modernbert": "ModernBERT " + _NO_POOLER,
+    "nomic_bert": "Nomic BERT " + _NO_POOLER,
+    "gte": "GTE " + _NO_POOLER,
+    "eurobert": "EuroBERT " + _NO_POOLER,
+    "vit_mae": "ViT-MAE " + _NO_POOLER,
+    "vit_msn": "ViT-MSN " + _NO_POOLER,
+    "ijepa": "I-JEPA " + _NO_POOLER,
+    "albert": "ALBERT shares one set of layer weights across all depths, so prompting one layer would prompt every "
+    "depth",
+    "beit": "BEiT's published checkpoints add a relative position bias inside each attention layer, sized for the "
+    "patch grid, which appended prompts do not fit",
+    "data2vec-vision": "Data2Vec-Vision is BEiT-like: a relative position bias inside each attention layer, sized "
+    "for the patch grid, which appended prompts do not fit",
+    "swin": "Swin " + _HIERARCHICAL,
+    "swinv2": "Swin V2 " + _HIERARCHICAL,
+    "donut-swin": "Donut-Swin " + _HIERARCHICAL,
+    "hiera": "Hiera " + _HIERARCHICAL,
+    "convnext": "ConvNeXt " + _CNN,
+    "convnextv2": "ConvNeXt V2 " + _CNN,
+    "resnet": "ResNet " + _CNN,
+    "regnet": "RegNet " + _CNN,
+    "efficientnet": "EfficientNet " + _CNN,
+    "bit": "BiT " + _CNN,
+    "siglip_text_model": "transformers' AutoModel cannot rebuild a SigLIP text tower from its config, which "
+    "`VisionTextDualEncoderModel` needs to load a saved model; use the whole SigLIP checkpoint",
+    "siglip2_vision_model": "SigLIP 2's vision tower needs `pixel_attention_mask` and `spatial_shapes`, which "
+    "`VisionTextDualEncoderModel.get_image_features` does not pass on; use the whole SigLIP 2 checkpoint",
 }
 
 
@@ -36,14 +160,26 @@ class TowerSpec:
         module: attribute path from the backbone to the tower model (e.g. "text_model").
         layers: attribute path from the tower model to its `nn.ModuleList` of encoder layers. None: look it up in
             `TOWER_LAYER_PATHS` by the tower's `config.model_type` (for backbones that combine arbitrary towers).
+        token_arguments: per-token call arguments of the tower's layers besides the attention mask (see
+            `TokenArgument`); default none. With `layers=None` the tower type's `TOWER_TOKEN_ARGUMENTS` are added.
     """
 
     module: str
     layers: str | None = None
+    token_arguments: tuple[TokenArgument, ...] = ()
 
 
 def _projection_dims(config: Any) -> tuple[int, int]:
     return config.projection_dim, config.projection_dim
+
+
+def _siglip_dims(config: Any) -> tuple[int, int]:
+    # No projections: the text head maps to `projection_size`, the image attention-pooling head keeps the width.
+    return config.text_config.projection_size, config.vision_config.hidden_size
+
+
+def _hidden_dims(config: Any) -> tuple[int, int]:
+    return config.text_config.hidden_size, config.vision_config.hidden_size
 
 
 @dataclass(frozen=True)
@@ -55,11 +191,21 @@ class BackboneFamily:
         model_types: the `config.model_type` values of the backbones of this family.
         text: where the text tower lives.
         vision: where the vision tower lives.
-        text_inputs: forward arguments routed to the text feature function.
+        text_inputs: forward arguments routed to the text feature function (each must be one of its parameters).
         vision_inputs: forward arguments routed to the image feature function.
         feature_dims: backbone config -> (text feature width, image feature width) of the pooled, projected features.
         text_features: name of the backbone method that returns pooled text features.
         image_features: name of the backbone method that returns pooled image features.
+        features_token: None when the feature functions return pooled features (B, D). An int when they return
+            per-token features (B, L, D) and the family's contrastive feature is that token (FLAVA: 0, the CLS token,
+            as `FlavaModel.forward` takes it).
+        text_padding: how texts must be padded for this family (used by `peft_mitp.processing`): "longest" (the
+            default; the tower pools padding-independently) or "max_length" (SigLIP and SigLIP 2 pool the last
+            position, so they were trained on texts padded to the maximum length and must be used that way).
+        pixel_values_layout: "images" (the default): `pixel_values` are (B, C, H, W) images, checked against the
+            vision config's `num_channels` and `image_size` before the towers run; "patches": flattened patches
+            (B, P, C*p*p), as SigLIP 2's NaFlex image processor gives them with `pixel_attention_mask` and
+            `spatial_shapes`.
     """
 
     name: str
@@ -67,17 +213,30 @@ class BackboneFamily:
     text: TowerSpec
     vision: TowerSpec
     text_inputs: tuple[str, ...] = ("input_ids", "attention_mask", "position_ids")
-    vision_inputs: tuple[str, ...] = ("pixel_values",)
+    vision_inputs: tuple[str, ...] = ("pixel_values", "interpolate_pos_encoding")
     feature_dims: Callable[[Any], tuple[int, int]] = _projection_dims
     text_features: str = "get_text_features"
     image_features: str = "get_image_features"
+    features_token: int | None = None
+    text_padding: Literal["longest", "max_length"] = "longest"
+    pixel_values_layout: Literal["images", "patches"] = "images"
 
 
 _FAMILIES: dict[str, BackboneFamily] = {}
 
 
 def register_family(family: BackboneFamily) -> BackboneFamily:
-    """Add a family to the table (or replace the entry of the same name)."""
+    """Add a family to the table (or replace the entry of the same name).
+
+    Args:
+        family: the new entry.
+
+    Returns:
+        `family`, so the call can be used as an expression.
+
+    Raises:
+        ValueError: one of its model types already belongs to another family.
+    """
     for other in _FAMILIES.values():
         clash = set(other.model_types) & set(family.model_types)
         if clash and other.name != family.name:
@@ -100,20 +259,35 @@ class UnsupportedBackboneError(ValueError):
     """The backbone is not a dual encoder MITP knows how to prompt."""
 
 
+_HOW_TO_ADD = (
+    "To add a dual-encoder family, describe where its towers and layer lists live with "
+    "`peft_mitp.register_family(BackboneFamily(...))`; to add a stand-alone tower for `VisionTextDualEncoderModel`, "
+    "`peft_mitp.families.TOWER_LAYER_PATHS[model_type] = 'path.to.layers'` (see docs/backbones.md)."
+)
+
+
 def family_for(model_type: str) -> BackboneFamily:
     """The family of a backbone `config.model_type`.
 
     Raises:
-        UnsupportedBackboneError: naming the supported families and how to add one.
+        UnsupportedBackboneError: naming why (for known refusals), the supported families and how to add one.
     """
     for family in _FAMILIES.values():
         if model_type in family.model_types:
             return family
+    supported = ", ".join(supported_model_types())
+    if model_type in TOWER_LAYER_PATHS:
+        raise UnsupportedBackboneError(
+            f"A {model_type!r} model is a single encoder, not a dual encoder: MITP needs a text tower and a vision "
+            "tower. Combine a text encoder and a vision encoder with "
+            "`MITPForImageTextClassification.from_text_vision_pretrained(text_name_or_path, vision_name_or_path, "
+            f"num_labels=...)` (or wrap a `VisionTextDualEncoderModel`). Supported dual encoders: {supported}."
+        )
+    reason = REFUSED.get(model_type)
+    why = f": {reason}." if reason else "."
     raise UnsupportedBackboneError(
-        f"MITP does not support backbones of model_type {model_type!r}. It needs a dual encoder whose text and "
-        f"vision towers are transformer encoders; supported model types: {', '.join(supported_model_types())}. "
-        "To add a family, describe where its towers and layer lists live with "
-        "`peft_mitp.register_family(BackboneFamily(...))` (see docs/backbones.md)."
+        f"MITP does not support backbones of model_type {model_type!r}{why} It needs a dual encoder whose text and "
+        f"vision towers are transformer encoders; supported model types: {supported}. {_HOW_TO_ADD}"
     )
 
 
@@ -133,6 +307,7 @@ class ResolvedTower:
         layers_path: attribute path from the backbone to `layers`.
         width: hidden width.
         attn_implementation: the tower's attention implementation (for mask extension).
+        token_arguments: per-token call arguments of its layers besides the attention mask (see `TokenArgument`).
     """
 
     module: nn.Module
@@ -140,21 +315,51 @@ class ResolvedTower:
     layers_path: str
     width: int
     attn_implementation: str | None
+    token_arguments: tuple[TokenArgument, ...] = ()
+
+
+def tower_layers_path(model_type: str, kind: str) -> str:
+    """Where a stand-alone tower of `model_type` keeps its encoder layers (`TOWER_LAYER_PATHS`).
+
+    Args:
+        model_type: the tower's `config.model_type`.
+        kind: "text" or "vision" (for messages).
+
+    Raises:
+        UnsupportedBackboneError: the tower is refused (with the reason) or unknown, naming the known towers and how
+            to add one.
+    """
+    path = TOWER_LAYER_PATHS.get(model_type)
+    if path is not None:
+        return path
+    reason = REFUSED.get(model_type)
+    why = f": {reason}." if reason else " (it is not in `TOWER_LAYER_PATHS`)."
+    raise UnsupportedBackboneError(
+        f"MITP cannot prompt a {kind} tower of model_type {model_type!r}{why} Known towers: "
+        f"{', '.join(sorted(TOWER_LAYER_PATHS))}. To add one, "
+        f"`peft_mitp.families.TOWER_LAYER_PATHS[{model_type!r}] = 'path.to.layers'` (see docs/backbones.md)."
+    )
 
 
 def resolve_tower(backbone: nn.Module, spec: TowerSpec, kind: str) -> ResolvedTower:
-    """Find a tower's layer list and width in a concrete backbone."""
+    """Find a tower's layer list and width in a concrete backbone.
+
+    Args:
+        backbone: the dual encoder.
+        spec: where the tower lives (from its family).
+        kind: "text" or "vision" (for messages).
+
+    Raises:
+        UnsupportedBackboneError: the tower type is refused or unknown (for backbones that combine arbitrary towers),
+            or the layer path does not lead to an `nn.ModuleList`.
+    """
     module = _get_path(backbone, spec.module)
     config = module.config
     layers_path = spec.layers
+    token_arguments = spec.token_arguments
     if layers_path is None:
-        layers_path = TOWER_LAYER_PATHS.get(config.model_type)
-        if layers_path is None:
-            raise UnsupportedBackboneError(
-                f"MITP does not know where the {kind} tower of model_type {config.model_type!r} keeps its encoder "
-                f"layers. Known towers: {', '.join(sorted(TOWER_LAYER_PATHS))}. Add it with "
-                f"`peft_mitp.families.TOWER_LAYER_PATHS[{config.model_type!r}] = 'path.to.layers'`."
-            )
+        layers_path = tower_layers_path(config.model_type, kind)
+        token_arguments = token_arguments + TOWER_TOKEN_ARGUMENTS.get(config.model_type, ())
     layers = _get_path(module, layers_path)
     if not isinstance(layers, nn.ModuleList):
         raise UnsupportedBackboneError(f"{spec.module}.{layers_path} is not an nn.ModuleList of encoder layers.")
@@ -164,15 +369,27 @@ def resolve_tower(backbone: nn.Module, spec: TowerSpec, kind: str) -> ResolvedTo
         layers_path=f"{spec.module}.{layers_path}",
         width=config.hidden_size,
         attn_implementation=getattr(config, "_attn_implementation", None),
+        token_arguments=token_arguments,
     )
 
 
-def pooled(features: Any) -> torch.Tensor:
-    """The pooled feature tensor from whatever a feature function returned (a tensor or a model output)."""
-    if isinstance(features, torch.Tensor):
-        return features
-    return features.pooler_output
+def pooled(features: Any, token: int | None = None) -> torch.Tensor:
+    """The pooled feature tensor from whatever a feature function returned (a tensor or a model output).
 
+    Args:
+        features: a tensor, or a model output whose `pooler_output` holds the features.
+        token: None for pooled (B, D) features; an index to take that token of per-token (B, L, D) features
+            (`BackboneFamily.features_token`).
+    """
+    if not isinstance(features, torch.Tensor):
+        features = features.pooler_output
+    return features if token is None else features[:, token]
+
+
+# ---------------------------------------------------------------------------------------------------------- the table
+# Causality of the text towers (checked by tests/test_families.py): CLIP, MetaCLIP 2, OWL-ViT, OWLv2 and CLIPSeg pass
+# `is_causal=True` to their text layers; AIMv2 builds a causal mask from the padding mask; all others are
+# bidirectional. `MITPLayer` reads both from the layer call, so no entry needs to say it.
 
 register_family(
     BackboneFamily(
@@ -180,7 +397,118 @@ register_family(
         model_types=("clip",),
         text=TowerSpec("text_model", "encoder.layers"),
         vision=TowerSpec("vision_model", "encoder.layers"),
-        vision_inputs=("pixel_values", "interpolate_pos_encoding"),
+    )
+)
+register_family(
+    BackboneFamily(
+        name="metaclip-2",
+        model_types=("metaclip_2",),
+        text=TowerSpec("text_model", "encoder.layers"),
+        vision=TowerSpec("vision_model", "encoder.layers"),
+    )
+)
+register_family(
+    BackboneFamily(
+        name="siglip",
+        model_types=("siglip",),
+        text=TowerSpec("text_model", "encoder.layers"),
+        vision=TowerSpec("vision_model", "encoder.layers"),
+        feature_dims=_siglip_dims,
+        text_padding="max_length",
+    )
+)
+register_family(
+    BackboneFamily(
+        name="siglip2",
+        model_types=("siglip2",),
+        text=TowerSpec("text_model", "encoder.layers"),
+        vision=TowerSpec("vision_model", "encoder.layers"),
+        # NaFlex: the image processor returns patches plus their mask and grid shape, all for the vision tower.
+        vision_inputs=("pixel_values", "pixel_attention_mask", "spatial_shapes"),
+        feature_dims=_siglip_dims,
+        text_padding="max_length",
+        pixel_values_layout="patches",
+    )
+)
+register_family(
+    BackboneFamily(
+        name="chinese-clip",
+        model_types=("chinese_clip",),
+        text=TowerSpec("text_model", "encoder.layer"),
+        vision=TowerSpec("vision_model", "encoder.layers"),
+        text_inputs=("input_ids", "attention_mask", "token_type_ids", "position_ids"),
+    )
+)
+register_family(
+    BackboneFamily(
+        name="altclip",
+        model_types=("altclip",),
+        text=TowerSpec("text_model", "roberta.encoder.layers"),
+        vision=TowerSpec("vision_model", "encoder.layers"),
+        text_inputs=("input_ids", "attention_mask", "token_type_ids", "position_ids"),
+    )
+)
+register_family(
+    BackboneFamily(
+        name="owlvit",
+        model_types=("owlvit",),
+        text=TowerSpec("text_model", "encoder.layers"),
+        vision=TowerSpec("vision_model", "encoder.layers"),
+        text_inputs=("input_ids", "attention_mask"),
+    )
+)
+register_family(
+    BackboneFamily(
+        name="owlv2",
+        model_types=("owlv2",),
+        text=TowerSpec("text_model", "encoder.layers"),
+        vision=TowerSpec("vision_model", "encoder.layers"),
+        text_inputs=("input_ids", "attention_mask"),
+    )
+)
+register_family(
+    BackboneFamily(
+        name="clipseg",
+        model_types=("clipseg",),
+        text=TowerSpec("text_model", "encoder.layers"),
+        vision=TowerSpec("vision_model", "encoder.layers"),
+    )
+)
+register_family(
+    BackboneFamily(
+        name="aimv2",
+        model_types=("aimv2",),
+        text=TowerSpec("text_model", "encoder.layers"),
+        vision=TowerSpec("vision_model", "encoder.layers"),
+    )
+)
+register_family(
+    BackboneFamily(
+        name="blip",
+        model_types=("blip",),
+        # The text layers take `encoder_hidden_states` second and the mask by keyword: `MITPLayer` finds it by name.
+        text=TowerSpec("text_model", "encoder.layer"),
+        vision=TowerSpec("vision_model", "encoder.layers"),
+    )
+)
+register_family(
+    BackboneFamily(
+        name="flava",
+        model_types=("flava",),
+        text=TowerSpec("text_model", "encoder.layer"),
+        vision=TowerSpec("image_model", "encoder.layer"),
+        text_inputs=("input_ids", "attention_mask", "token_type_ids", "position_ids"),
+        features_token=0,
+    )
+)
+register_family(
+    BackboneFamily(
+        name="tipsv2",
+        model_types=("tipsv2",),
+        text=TowerSpec("text_model", "encoder.layers"),
+        vision=TowerSpec("vision_model", "encoder.layer"),
+        vision_inputs=("pixel_values",),
+        feature_dims=_hidden_dims,
     )
 )
 register_family(
@@ -190,5 +518,6 @@ register_family(
         text=TowerSpec("text_model"),
         vision=TowerSpec("vision_model"),
         text_inputs=("input_ids", "attention_mask", "position_ids", "token_type_ids"),
+        vision_inputs=("pixel_values",),
     )
 )

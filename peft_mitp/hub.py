@@ -28,6 +28,145 @@ class HubOutput:
     vision_activation: torch.Tensor | None = None
 
 
+# ---- Missing modalities (docs/reliability.md, "Missing modalities") ----------------------------------------------
+# How each tower's modality is named in the task model's inputs, for error messages.
+_MODALITY_WORDS = {
+    "text": ("text", "`input_ids`", "`text_present`"),
+    "vision": ("image", "`pixel_values`", "`image_present`"),
+}
+
+
+@dataclass(frozen=True)
+class ModalityPresence:
+    """Which samples of a batch have which modality, in a lock-step forward where some may lack one.
+
+    Attributes:
+        ran: tower name ("text" / "vision") -> (B,) bool: the samples that tower runs. The tower's inputs hold exactly
+            these rows, in batch order; a tower with no row is not run at all.
+        kept: tower name -> (B,) bool: the samples whose tower outputs are used; every other sample gets the hub's
+            learned stand-ins for that tower. Always within `ran`; modality dropout removes samples from it during
+            training (their tower still runs, its outputs are discarded).
+    """
+
+    ran: dict[str, torch.Tensor]
+    kept: dict[str, torch.Tensor]
+
+    @classmethod
+    def from_masks(cls, text: torch.Tensor, vision: torch.Tensor) -> ModalityPresence:
+        """Presence from (B,) bool masks of the samples that have a text / an image."""
+        return cls(ran={"text": text, "vision": vision}, kept={"text": text, "vision": vision})
+
+    @classmethod
+    def full(cls, batch_size: int, device: torch.device) -> ModalityPresence:
+        """Every sample has both modalities."""
+        every = torch.ones(batch_size, dtype=torch.bool, device=device)
+        return cls.from_masks(every, every)
+
+    @property
+    def batch_size(self) -> int:
+        """Number of samples B."""
+        return self.ran["text"].shape[0]
+
+    def with_modality_dropout(self, probability: float) -> ModalityPresence:
+        """Drop one modality of each sample that has both, with `probability`; image or text equally likely.
+
+        A sample never loses both modalities, and a sample that already lacks one keeps the other. Uses torch's
+        global random generator (seeded by `transformers.set_seed` / `torch.manual_seed`).
+        """
+        text, vision = self.kept["text"], self.kept["vision"]
+        device = text.device
+        drop = (torch.rand(self.batch_size, device=device) < probability) & text & vision
+        drop_image = torch.rand(self.batch_size, device=device) < 0.5
+        return ModalityPresence(
+            ran=self.ran,
+            kept={"text": text & ~(drop & ~drop_image), "vision": vision & ~(drop & drop_image)},
+        )
+
+    def describe(self) -> str:
+        """What is missing, in the words of the task model's inputs (for error messages)."""
+        parts = []
+        for tower in ("vision", "text"):
+            missing = int((~self.kept[tower]).sum())
+            if missing:
+                noun, inputs, mask = _MODALITY_WORDS[tower]
+                parts.append(
+                    f"{missing} of {self.batch_size} samples have no {noun} ({inputs} is missing, or "
+                    f"{mask} is False for them)"
+                )
+        return "; ".join(parts) or "`image_present` / `text_present` were given"
+
+
+class ModalityStandIns(nn.Module):
+    """Learned stand-ins for a modality a sample lacks (`MITPConfig(missing_modality=True)`).
+
+    A missing tower is not run for a sample; the memory hub then receives, for that sample, these learned read-outs
+    in place of the missing tower's prompt read-outs at every interaction pair that feeds a next pair, and the head
+    receives a learned pooled feature in place of the missing tower's.
+
+    Args:
+        text_prompts: number of text prompts M_t.
+        vision_prompts: number of vision prompts M_v.
+        text_width: hidden width of the text tower.
+        vision_width: hidden width of the vision tower.
+        text_feature_dim: width of the pooled text features the head reads.
+        vision_feature_dim: width of the pooled image features the head reads.
+        readout_pairs: number of interaction pairs whose read-outs feed the hub (pairs - 1); 0 when there is no
+            cross-modal interaction (a tower's read-outs then only feed its own next prompts, which a missing tower
+            does not run), so no read-out stand-ins exist.
+    """
+
+    def __init__(
+        self,
+        *,
+        text_prompts: int,
+        vision_prompts: int,
+        text_width: int,
+        vision_width: int,
+        text_feature_dim: int,
+        vision_feature_dim: int,
+        readout_pairs: int,
+    ) -> None:
+        super().__init__()
+        self.prompt_lengths = {"text": text_prompts, "vision": vision_prompts}
+        self.widths = {"text": text_width, "vision": vision_width}
+        self.readout_pairs = readout_pairs
+        self.readouts = nn.ParameterDict()
+        if readout_pairs > 0:
+            for tower in ("text", "vision"):
+                shape = (readout_pairs, self.prompt_lengths[tower], self.widths[tower])
+                self.readouts[tower] = nn.Parameter(torch.empty(shape))
+        self.features = nn.ParameterDict(
+            {
+                "text": nn.Parameter(torch.empty(text_feature_dim)),
+                "vision": nn.Parameter(torch.empty(vision_feature_dim)),
+            }
+        )
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Read-outs ~ N(0, 1), pooled features at zero."""
+        # The hub layer-norms read-outs before using them, so only their direction matters; unit scale gives them
+        # the gradient size of a typical normalised read-out. Zero features: a missing modality starts as "no
+        # evidence" for the head.
+        for param in self.readouts.values():
+            nn.init.normal_(param)
+        for param in self.features.values():
+            nn.init.zeros_(param)
+
+    def readout(self, tower: str, pair: int, batch_size: int) -> torch.Tensor:
+        """Stand-in read-out of `tower` at interaction `pair`, expanded to (B, M, d)."""
+        if tower in self.readouts:
+            return self.readouts[tower][pair].expand(batch_size, -1, -1)
+        # No interaction: the read-out only feeds the missing tower's own next prompts, which never run.
+        feature = self.features[tower]
+        shape = (batch_size, self.prompt_lengths[tower], self.widths[tower])
+        return torch.zeros(shape, dtype=feature.dtype, device=feature.device)
+
+    def extra_repr(self) -> str:
+        return f"readout_pairs={self.readout_pairs}, prompt_lengths={self.prompt_lengths}, widths={self.widths}"
+
+
 class MemoryHub(nn.Module):
     r"""Shared memory hub of one MITP adapter.
 
@@ -59,6 +198,9 @@ class MemoryHub(nn.Module):
         activation: "softmax" or "hard" (top-1, an ablation).
         interaction: whether the cross-modal term exists.
         memory: whether each tower's own read-out is carried to the next pair.
+        stand_ins: learned stand-ins for a missing modality (`MITPConfig(missing_modality=True)`); None: every
+            sample must have both modalities.
+        modality_dropout: training only: probability that a sample with both modalities loses one of them.
     """
 
     def __init__(
@@ -71,6 +213,8 @@ class MemoryHub(nn.Module):
         activation: str = "softmax",
         interaction: bool = True,
         memory: bool = True,
+        stand_ins: ModalityStandIns | None = None,
+        modality_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         self.text_width = text_width
@@ -87,6 +231,9 @@ class MemoryHub(nn.Module):
             self.text_out = nn.Linear(hub_dim, text_width)
             self.vision_out = nn.Linear(hub_dim, vision_width)
             self.reset_parameters()
+        # Held by the hub so that they live in `mitp_hub[adapter]`: saved, loaded and switched with the adapter.
+        self.stand_ins = stand_ins
+        self.modality_dropout = modality_dropout
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -145,9 +292,83 @@ class MemoryHub(nn.Module):
             vision_activation=vision_activation,
         )
 
+    # ---- Missing modalities (docs/reliability.md, "Missing modalities") ------------------------------------------
+    def resolve_presence(self, presence: ModalityPresence | None, batch_size: int) -> ModalityPresence | None:
+        """Check that this hub can serve a batch with missing modalities, and apply modality dropout in training.
+
+        Called by the lock-step scheduler when the first read-out of a forward arrives.
+
+        Args:
+            presence: which samples have which modality, or None when every sample has both.
+            batch_size: number of samples (used when `presence` is None).
+
+        Returns:
+            The presence to use: None (no stand-ins needed), or `presence` with modality dropout applied. In training
+            with stand-ins, always a presence, so that the stand-ins take part in every training step (DDP without
+            `find_unused_parameters` needs a gradient for every trainable parameter at every step).
+
+        Raises:
+            ValueError: a modality is missing but this hub has no stand-ins (`missing_modality=False`).
+        """
+        if self.stand_ins is None:
+            if presence is not None:
+                raise ValueError(
+                    f"{presence.describe()}, but the active MITP adapter was created with `missing_modality=False`, "
+                    "so it has no stand-ins for a missing modality. Give every sample both an image and a text, or "
+                    "create the adapter with `MITPConfig(missing_modality=True)` (see docs/reliability.md)."
+                )
+            return None
+        if not self.training:
+            return presence
+        if presence is None:
+            presence = ModalityPresence.full(batch_size, self.stand_ins.features["text"].device)
+        if self.modality_dropout > 0:
+            presence = presence.with_modality_dropout(self.modality_dropout)
+        return presence
+
+    def fill_readout(
+        self, tower: str, pair: int, readout: torch.Tensor | None, presence: ModalityPresence
+    ) -> torch.Tensor:
+        """`tower`'s read-out of `pair` for the whole batch: its own rows where kept, the stand-in elsewhere.
+
+        Args:
+            tower: "text" or "vision".
+            pair: the interaction pair.
+            readout: (rows run, M, d) read-out of the tower, or None when the tower did not run at all.
+            presence: which samples the tower ran and which of its outputs are kept.
+
+        Returns:
+            (B, M, d) in the hub's dtype.
+        """
+        stand_in = self.stand_ins.readout(tower, pair, presence.batch_size)
+        if readout is None:
+            return stand_in
+        full = stand_in.index_put((presence.ran[tower],), readout.to(stand_in.dtype))
+        return torch.where(presence.kept[tower][:, None, None], full, stand_in)
+
+    def fill_features(self, tower: str, features: torch.Tensor | None, presence: ModalityPresence) -> torch.Tensor:
+        """`tower`'s pooled features for the whole batch: its own rows where kept, the learned stand-in elsewhere.
+
+        Args:
+            tower: "text" or "vision".
+            features: (rows run, D) pooled features, or None when the tower did not run at all.
+            presence: which samples the tower ran and which of its outputs are kept.
+
+        Returns:
+            (B, D) in the dtype of `features` (the stand-in's when None).
+        """
+        stand_in = self.stand_ins.features[tower]
+        if features is not None:
+            stand_in = stand_in.to(features.dtype)
+        stand_in = stand_in.expand(presence.batch_size, -1)
+        if features is None:
+            return stand_in
+        full = stand_in.index_put((presence.ran[tower],), features)
+        return torch.where(presence.kept[tower][:, None], full, stand_in)
+
     def extra_repr(self) -> str:
         return (
             f"text_width={self.text_width}, vision_width={self.vision_width}, hub_dim={self.hub_dim}, "
             f"similarity={self.similarity!r}, temperature={self.temperature}, activation={self.activation!r}, "
-            f"interaction={self.interaction}, memory={self.memory}"
+            f"interaction={self.interaction}, memory={self.memory}, modality_dropout={self.modality_dropout}"
         )

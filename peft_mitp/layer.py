@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from .families import TokenArgument, TokenArgumentKind
 from .lockstep import current_tower
 from .prompt_mask import extend_attention_mask
 
@@ -39,6 +42,11 @@ class MITPLayer(nn.Module, BaseTunerLayer):
 
     adapter_layer_names = ("mitp_prompt",)
     other_param_names = ("mitp_pair",)
+    # Per-token call arguments besides the mask (rotary embeddings, pairwise biases), set from the family table by the
+    # task model before each forward (`set_token_arguments`).
+    mitp_token_arguments: tuple[TokenArgument, ...] = ()
+    # Names of the wrapped layer's positional parameters after the hidden states, read from its signature once.
+    _mitp_positional_names: tuple[str, ...] | None = None
 
     def __init__(
         self,
@@ -118,21 +126,37 @@ class MITPLayer(nn.Module, BaseTunerLayer):
         prompts = prompts.to(hidden_states.dtype)
         seq_len, num_prompts = hidden_states.shape[1], prompts.shape[1]
 
-        args = list(args)
-        mask = args[0] if args else kwargs.get("attention_mask")
-        mask = extend_attention_mask(
-            mask,
-            seq_len=seq_len,
-            num_prompts=num_prompts,
-            is_causal=bool(kwargs.get("is_causal", False)),
-            attn_implementation=tower.attn_implementation,
-            dtype=hidden_states.dtype,
-            device=hidden_states.device,
-        )
-        if args:
-            args[0] = mask
+        args, kwargs = self._name_arguments(args, kwargs)
+        is_causal = bool(kwargs.get("is_causal", False))
+
+        def extend_mask(mask: Any) -> Any:
+            return extend_attention_mask(
+                mask,
+                seq_len=seq_len,
+                num_prompts=num_prompts,
+                is_causal=is_causal,
+                attn_implementation=tower.attn_implementation,
+                dtype=hidden_states.dtype,
+                device=hidden_states.device,
+            )
+
+        # The mask is `attention_mask` wherever it sits in the call (BLIP's text layers take it third, by keyword);
+        # a layer whose parameters cannot be named gets the old convention: the first argument after the states.
+        if args and "attention_mask" not in kwargs:
+            args[0] = extend_mask(args[0])
         else:
-            kwargs["attention_mask"] = mask
+            mask = extend_mask(kwargs.get("attention_mask"))
+            if mask is not None or "attention_mask" in kwargs:
+                kwargs["attention_mask"] = mask
+        for argument in self.mitp_token_arguments:
+            if kwargs.get(argument.name) is not None:
+                kwargs[argument.name] = extend_token_argument(
+                    argument.kind,
+                    kwargs[argument.name],
+                    seq_len=seq_len,
+                    num_prompts=num_prompts,
+                    extend_mask=extend_mask,
+                )
 
         output = self.base_layer(torch.cat([hidden_states, prompts], dim=1), *args, **kwargs)
         hidden = output[0] if isinstance(output, tuple) else output
@@ -146,5 +170,98 @@ class MITPLayer(nn.Module, BaseTunerLayer):
         )
         return (hidden, *rest)
 
+    def _name_arguments(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
+        """The layer call's arguments after the hidden states, by parameter name where the signature allows it.
+
+        Returns (positional arguments, keyword arguments): normally ([], all of them by name), so the attention mask
+        and the per-token arguments are found whether the encoder passed them by position or by keyword. Layers whose
+        positional parameters cannot be named (e.g. `forward(self, *args)`) keep their arguments as they came.
+        """
+        names = self._mitp_positional_names
+        if names is None:
+            names = _positional_parameter_names(self.get_base_layer())
+            self._mitp_positional_names = names
+        if not args:
+            return [], dict(kwargs)
+        if names == () or len(args) > len(names) or any(name in kwargs for name in names[: len(args)]):
+            return list(args), dict(kwargs)
+        return [], {**dict(zip(names, args, strict=False)), **kwargs}
+
     def __repr__(self) -> str:
         return "mitp." + super().__repr__()
+
+
+def _positional_parameter_names(layer: nn.Module) -> tuple[str, ...]:
+    """Names of the layer's positional-or-keyword parameters after the hidden states (() when they cannot be named)."""
+    try:
+        parameters = list(inspect.signature(layer.forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return ()
+    names = []
+    for parameter in parameters:
+        if parameter.kind is not inspect.Parameter.POSITIONAL_OR_KEYWORD:
+            if parameter.kind is inspect.Parameter.POSITIONAL_ONLY:
+                return ()
+            break
+        names.append(parameter.name)
+    return tuple(names)
+
+
+def extend_token_argument(
+    kind: TokenArgumentKind,
+    value: Any,
+    *,
+    seq_len: int,
+    num_prompts: int,
+    extend_mask: Callable[[Any], Any],
+) -> Any:
+    """Extend one per-token layer argument from L tokens to L tokens followed by M prompts (see `TokenArgument`).
+
+    Args:
+        kind: "rotary" (a (cos, sin) pair, tokens on dim -2: the prompts get the identity rotation, cos 1 and sin 0),
+            "pairwise" (an additive (..., L, L) bias: zero for prompt rows and columns) or "mask" (a second attention
+            mask, extended like `attention_mask`).
+        value: the argument as the encoder passed it.
+        seq_len: L, the number of tokens the layer sees without prompts.
+        num_prompts: M.
+        extend_mask: extends an attention mask with this layer's rule (`extend_attention_mask`, already bound).
+
+    Returns:
+        The extended argument, in the structure it came in.
+
+    Raises:
+        ValueError: the value does not have the shape its kind promises.
+    """
+    if kind == "rotary":
+        cos, sin = value
+        if cos.shape[-2] > seq_len:
+            raise ValueError(
+                f"Rotary embeddings cover {cos.shape[-2]} positions but the layer sees {seq_len} tokens; check the "
+                "tower's `token_arguments` in peft_mitp/families.py."
+            )
+        shape = (*cos.shape[:-2], num_prompts, cos.shape[-1])
+        cos = torch.cat([cos, cos.new_ones(shape)], dim=-2)
+        sin = torch.cat([sin, sin.new_zeros(shape)], dim=-2)
+        return type(value)((cos, sin))
+    if kind == "pairwise":
+        if value.dim() < 2 or value.shape[-1] != seq_len or value.shape[-2] != seq_len:
+            raise ValueError(
+                f"A pairwise bias of shape {tuple(value.shape)} does not end in ({seq_len}, {seq_len}) for the "
+                f"layer's {seq_len} tokens; check the tower's `token_arguments` in peft_mitp/families.py."
+            )
+        return nn.functional.pad(value, (0, num_prompts, 0, num_prompts))
+    if kind == "mask":
+        return extend_mask(value)
+    raise ValueError(f"Unknown per-token argument kind {kind!r}; use 'rotary', 'pairwise' or 'mask'.")
+
+
+def set_token_arguments(layers: Iterable[nn.Module], token_arguments: tuple[TokenArgument, ...]) -> None:
+    """Tell a tower's interaction layers which of their call arguments are per-token (`ResolvedTower.token_arguments`).
+
+    Args:
+        layers: the tower's encoder layers; those wrapped in an `MITPLayer` are updated, the others are skipped.
+        token_arguments: the tower's per-token arguments besides the attention mask (from `peft_mitp.families`).
+    """
+    for layer in layers:
+        if isinstance(layer, MITPLayer):
+            layer.mitp_token_arguments = token_arguments

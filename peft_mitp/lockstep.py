@@ -20,7 +20,7 @@ from typing import Any
 import greenlet
 import torch
 
-from .hub import HubOutput, MemoryHub
+from .hub import HubOutput, MemoryHub, ModalityPresence
 
 TOWERS = ("text", "vision")
 
@@ -76,26 +76,49 @@ class LockstepResult:
     """Outputs of a lock-step forward.
 
     Attributes:
-        text: what the text feature function returned.
-        vision: what the vision feature function returned.
+        text: what the text feature function returned (None when the text tower did not run).
+        vision: what the vision feature function returned (None when the vision tower did not run).
         hub_outputs: the hub's outputs, one per pair that fed a next pair, in pair order.
         pairs: number of interaction pairs that ran.
+        hub: the memory hub of the active adapter (None when no interaction layer ran: no adapter, or disabled).
+        presence: with missing modalities (or, in training, an adapter with stand-ins), which samples each tower
+            ran and which of its outputs were kept (after modality dropout); the caller completes the pooled
+            features with `hub.fill_features`. None when every sample used both towers' outputs.
     """
 
     text: Any
     vision: Any
     hub_outputs: list[HubOutput] = field(default_factory=list)
     pairs: int = 0
+    hub: MemoryHub | None = None
+    presence: ModalityPresence | None = None
 
 
 class LockstepError(RuntimeError):
     """The two towers' interaction layers did not pair up."""
 
 
+# torch.compile cannot trace greenlet switches: `torch.compile(model)` gets a graph break here and runs the lock-step
+# part eagerly (modules compiled on their own, such as the hub or encoder layers, stay compiled). docs/reliability.md.
+_NOT_TRACED = (
+    "MITP's lock-step scheduler switches between greenlets, which torch.compile cannot trace. Compile without "
+    "fullgraph=True, or compile the memory hub and the encoder layers themselves (docs/reliability.md)."
+)
+
+
+def _not_traced(fn: Callable[..., Any]) -> Callable[..., Any]:
+    try:
+        return torch.compiler.disable(fn, reason=_NOT_TRACED)
+    except TypeError:  # torch < 2.6 has no `reason`
+        return torch.compiler.disable(fn)
+
+
+@_not_traced
 def run_lockstep(
-    text_fn: Callable[[], Any],
-    vision_fn: Callable[[], Any],
+    text_fn: Callable[[], Any] | None,
+    vision_fn: Callable[[], Any] | None,
     attn_implementations: dict[str, str | None] | None = None,
+    presence: ModalityPresence | None = None,
 ) -> LockstepResult:
     """Run `text_fn` and `vision_fn` (the stock tower forwards) in lock-step with the memory hub between them.
 
@@ -104,27 +127,39 @@ def run_lockstep(
     finishes while the other still waits, the layers did not pair up and `LockstepError` is raised. An exception in
     either tower ends the other one (nothing is left half-run) and propagates.
 
+    With `presence` (some samples lack a modality), each tower runs only the samples that have its modality, and
+    before each hub call the scheduler completes both read-outs to the whole batch with the hub's learned stand-ins
+    (`MemoryHub.fill_readout`); each tower then receives the carry of its own rows. The hub mixes prompts only
+    within a sample, so a sample's result does not depend on the other samples of the batch.
+
     Args:
-        text_fn: runs the text tower and returns its features.
-        vision_fn: runs the vision tower and returns its features.
+        text_fn: runs the text tower and returns its features; None: no sample has a text (the tower is not run).
+        vision_fn: runs the vision tower and returns its features; None: no sample has an image.
         attn_implementations: per tower, the `_attn_implementation` the interaction layers need for mask extension.
+        presence: which samples each tower runs (its inputs hold exactly those rows); None: all samples, both towers.
 
     Returns:
         `LockstepResult`.
     """
     grad_enabled = torch.is_grad_enabled()
     impls = attn_implementations or {}
+    fns = {"text": text_fn, "vision": vision_fn}
+    if None in fns.values() and presence is None:
+        raise ValueError("A tower without a feature function needs `presence` (which samples lack its modality).")
     towers = {
-        "text": _Tower("text", text_fn, grad_enabled, impls.get("text")),
-        "vision": _Tower("vision", vision_fn, grad_enabled, impls.get("vision")),
+        name: _Tower(name, fn, grad_enabled, impls.get(name)) for name, fn in fns.items() if fn is not None
     }
-    results: dict[str, Any] = {}
+    if not towers:
+        raise ValueError("Neither tower has anything to run: every sample lacks both modalities.")
+    results: dict[str, Any] = {name: None for name in fns}
+    hub: MemoryHub | None = None
+    first_readout = True
     readouts: dict[int, dict[str, _Readout]] = {}
     carries: dict[tuple[str, int], torch.Tensor | None] = {}
     waiting: dict[str, int] = {}
     hub_outputs: dict[int, HubOutput] = {}
-    pairs_run = {"text": 0, "vision": 0}
-    runnable: deque[tuple[str, Any]] = deque([("text", None), ("vision", None)])
+    pairs_run = dict.fromkeys(towers, 0)
+    runnable: deque[tuple[str, Any]] = deque((name, None) for name in towers)
 
     def serve(name: str, pair: int) -> bool:
         """Answer `name`'s request for `pair` if the hub can produce it now."""
@@ -133,15 +168,24 @@ def run_lockstep(
             return True
         if (name, pair) not in carries:
             done = readouts.get(pair - 1, {})
-            if len(done) < 2:
+            if len(done) < len(towers):
                 return False
-            text, vision = done["text"], done["vision"]
-            if text.hub is not vision.hub:
+            pair_hub = next(iter(done.values())).hub
+            if any(r.hub is not pair_hub for r in done.values()):
                 raise LockstepError(f"Interaction pair {pair - 1} mixes two adapters' hubs; activate one adapter.")
-            out = text.hub(text.readout, vision.readout)
+            if presence is None:
+                out = pair_hub(done["text"].readout, done["vision"].readout)
+            else:
+                filled = {
+                    tower: pair_hub.fill_readout(tower, pair - 1, r.readout if r else None, presence)
+                    for tower, r in ((t, done.get(t)) for t in TOWERS)
+                }
+                out = pair_hub(filled["text"], filled["vision"])
             hub_outputs[pair - 1] = out
-            carries[("text", pair)] = out.text_prompts
-            carries[("vision", pair)] = out.vision_prompts
+            for tower, carry in (("text", out.text_prompts), ("vision", out.vision_prompts)):
+                if presence is not None and carry is not None:
+                    carry = carry[presence.ran[tower]]  # the tower runs only its own rows
+                carries[(tower, pair)] = carry
             del readouts[pair - 1]
         runnable.append((name, carries.pop((name, pair))))
         return True
@@ -161,6 +205,11 @@ def run_lockstep(
             elif isinstance(message, _Readout):
                 if name in readouts.get(message.pair, {}):
                     raise LockstepError(f"The {name} tower ran interaction pair {message.pair} twice in one forward.")
+                if first_readout:
+                    # The active adapter's hub is known from here on: it checks what it can serve.
+                    first_readout = False
+                    hub = message.hub
+                    presence = hub.resolve_presence(presence, message.readout.shape[0])
                 readouts.setdefault(message.pair, {})[name] = message
                 runnable.append((name, None))
                 other = "vision" if name == "text" else "text"
@@ -174,7 +223,7 @@ def run_lockstep(
                 f"The towers' interaction layers did not pair up ({stuck}, but the other tower finished). Give "
                 "`text_layers` and `vision_layers` the same number of entries."
             )
-        if pairs_run["text"] != pairs_run["vision"]:
+        if len(pairs_run) == 2 and pairs_run["text"] != pairs_run["vision"]:
             raise LockstepError(
                 f"The text tower ran {pairs_run['text']} interaction layers but the vision tower ran "
                 f"{pairs_run['vision']}: the towers' interaction layers did not pair up. Give `text_layers` and "
@@ -188,5 +237,7 @@ def run_lockstep(
         text=results["text"],
         vision=results["vision"],
         hub_outputs=[hub_outputs[k] for k in sorted(hub_outputs)],
-        pairs=pairs_run["text"],
+        pairs=max(pairs_run.values()),
+        hub=hub,
+        presence=presence,
     )

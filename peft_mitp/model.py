@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Sequence
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from typing import Any
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner
+from peft.utils import ModulesToSaveWrapper
 from torch import nn
 
 from .config import MITPConfig
-from .hub import MemoryHub
+from .hub import MemoryHub, ModalityStandIns
 from .layer import MITPLayer
+from .sharing import sync_adapter_head
 
 _UPCAST = (torch.float16, torch.bfloat16)
 
@@ -66,6 +69,152 @@ def default_pairing(
     return text, vision
 
 
+# ---- Loading checks (docs/reliability.md, "Loading checks") --------------------------------------------------------
+def backbone_record(model: nn.Module) -> dict[str, Any]:
+    """What an adapter records about the backbone it is built for (`MITPConfig.backbone`).
+
+    Args:
+        model: the `MITPForImageTextClassification` the adapter goes on.
+
+    Returns:
+        {"model_type", "text_model_type", "vision_model_type", "text_width", "vision_width", "text_depth",
+        "vision_depth"}: the backbone's `config.model_type`, each tower's `config.model_type`, hidden width and number
+        of encoder layers. Prompts and hub maps take their shapes from the widths; the layer indices refer to the
+        depths.
+    """
+    towers = model.mitp_towers()
+    record: dict[str, Any] = {"model_type": model.config.backbone_config.model_type}
+    for kind in ("text", "vision"):
+        record[f"{kind}_model_type"] = towers[kind].module.config.model_type
+    for kind in ("text", "vision"):
+        record[f"{kind}_width"] = towers[kind].width
+    for kind in ("text", "vision"):
+        record[f"{kind}_depth"] = len(towers[kind].layers)
+    return record
+
+
+def check_backbone(config: MITPConfig, model: nn.Module, adapter_name: str = "default") -> None:
+    """Record the backbone in a new adapter's config, or check a loaded adapter's record against the model.
+
+    Called when an adapter is injected (`get_peft_model`, `PeftModel.from_pretrained`, `load_adapter`), before any
+    weight is created or loaded, so an adapter trained on another backbone fails here with both backbones named
+    instead of in `load_state_dict` with a list of size mismatches. Keys missing from an older record are not checked.
+
+    Args:
+        config: the adapter's config; `config.backbone` is filled in when None.
+        model: the `MITPForImageTextClassification` the adapter goes on.
+        adapter_name: the adapter's name, for the message.
+
+    Raises:
+        ValueError: the recorded backbone differs from the model's.
+    """
+    actual = backbone_record(model)
+    if config.backbone is None:
+        config.backbone = actual
+        return
+    if not isinstance(config.backbone, dict):
+        raise ValueError(
+            f"`backbone` in the config of MITP adapter {adapter_name!r} must be a dict (it is filled in when the "
+            f"adapter is created), got {config.backbone!r}."
+        )
+    differs = [key for key in actual if key in config.backbone and config.backbone[key] != actual[key]]
+    if differs:
+
+        def describe(record: dict[str, Any]) -> str:
+            return ", ".join(f"{key}={record.get(key)!r}" for key in actual)
+
+        raise ValueError(
+            f"MITP adapter {adapter_name!r} was built for another backbone. It was built for: "
+            f"{describe(config.backbone)}; this model's backbone is: {describe(actual)} (they differ in "
+            f"{', '.join(differs)}). Its prompts and memory hub have the first backbone's shapes and layer indices: "
+            "load it onto the backbone it was trained on (`base_model_name_or_path` in its adapter_config.json names "
+            "it, when it was recorded), or train a new adapter for this backbone. (An `MITPConfig` records the "
+            "backbone when it is first used: give each backbone its own config object.)"
+        )
+
+
+def check_adapter_weights(
+    model_id: str | os.PathLike, subfolder: str | None = None, **hub_kwargs: Any
+) -> str:
+    """Check that an adapter's weights are a complete `adapter_model.safetensors`, and return its local path.
+
+    peft's own loading would fall back to a pickled `adapter_model.bin` (read with `torch.load(weights_only=True)`),
+    fail on a missing local file with a Hub repo-id validation error, and report a truncated file without naming it.
+    MITP loads weights from safetensors only, so this refuses all three with an error naming the file.
+    `MITPConfig.from_pretrained` calls it, so `PeftModel.from_pretrained` and `PeftModel.load_adapter` check before
+    peft reads the weights.
+
+    Args:
+        model_id: a local adapter directory or a Hub repo id (the file is downloaded into the cache, where peft finds
+            it next).
+        subfolder: the adapter's subfolder inside it, if any.
+        **hub_kwargs: passed to `huggingface_hub.hf_hub_download` for a Hub repo (`revision`, `token`, `cache_dir`,
+            ...).
+
+    Returns:
+        The local path of `adapter_model.safetensors`.
+
+    Raises:
+        FileNotFoundError: there is no `adapter_model.safetensors`.
+        ValueError: there is only a pickled `adapter_model.bin`, or the safetensors file is incomplete (truncated) or
+            not a safetensors file.
+    """
+    from huggingface_hub import file_exists, hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+    from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
+    from safetensors import SafetensorError, safe_open
+
+    local = os.path.join(model_id, subfolder) if subfolder else os.fspath(model_id)
+    refuse_pickle = (
+        f"{{where}} holds only a pickled `{WEIGHTS_NAME}`. MITP loads adapter weights from safetensors only "
+        f"(pickle files can run code when loaded). Convert it where you trust it: `safetensors.torch.save_file("
+        f"torch.load('{WEIGHTS_NAME}', weights_only=True), '{SAFETENSORS_WEIGHTS_NAME}')`, or save the adapter again "
+        "with `model.save_pretrained(...)` (safetensors is its default)."
+    )
+    if os.path.isdir(local):
+        path = os.path.join(local, SAFETENSORS_WEIGHTS_NAME)
+        if not os.path.isfile(path):
+            if os.path.isfile(os.path.join(local, WEIGHTS_NAME)):
+                raise ValueError(refuse_pickle.format(where=f"The adapter directory {local}"))
+            raise FileNotFoundError(
+                f"The adapter directory {local} has no `{SAFETENSORS_WEIGHTS_NAME}` (it holds "
+                f"{sorted(os.listdir(local))}). Save the adapter with `model.save_pretrained({local!r})`, or copy the "
+                "whole directory it was saved to, weights included."
+            )
+    else:
+        try:
+            path = hf_hub_download(os.fspath(model_id), SAFETENSORS_WEIGHTS_NAME, subfolder=subfolder, **hub_kwargs)
+        except EntryNotFoundError as exc:
+            in_repo = f"{subfolder}/{WEIGHTS_NAME}" if subfolder else WEIGHTS_NAME
+            pickled = False
+            with suppress(Exception):  # offline or unreachable: report the missing safetensors file
+                pickled = file_exists(
+                    os.fspath(model_id),
+                    in_repo,
+                    revision=hub_kwargs.get("revision"),
+                    repo_type=hub_kwargs.get("repo_type"),
+                    token=hub_kwargs.get("token"),
+                )
+            if pickled:
+                raise ValueError(refuse_pickle.format(where=f"The Hub repo {model_id}")) from exc
+            raise FileNotFoundError(
+                f"No `{SAFETENSORS_WEIGHTS_NAME}` found for the adapter {model_id!r}"
+                f"{f' (subfolder {subfolder!r})' if subfolder else ''}: {type(exc).__name__}. Push the adapter with "
+                "`model.push_to_hub(...)`, or check the repo id, the revision and, offline, the local cache."
+            ) from exc
+    try:
+        with safe_open(path, framework="pt") as weights:
+            count = len(list(weights.keys()))
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(
+            f"{path} is not a complete safetensors file ({exc}). It was probably truncated by an interrupted save, "
+            "copy or download: save or download the adapter again."
+        ) from exc
+    if count == 0:
+        raise ValueError(f"{path} holds no tensors: save the adapter again with `model.save_pretrained(...)`.")
+    return path
+
+
 class MITPModel(BaseTuner):
     """The MITP tuner: wraps the interaction layers of both towers and holds one `MemoryHub` per adapter.
 
@@ -113,6 +262,10 @@ class MITPModel(BaseTuner):
         if not isinstance(config, MITPConfig):
             raise TypeError(f"MITPModel needs an MITPConfig, got {type(config).__name__}.")
         towers = self._towers(model)
+        # Record the backbone in a new adapter's config, or refuse a loaded one built for another (docs/reliability.md).
+        check_backbone(config, model, adapter_name)
+        # Record the head in a new adapter's config, or check / size it for a loaded one (docs/sharing.md).
+        sync_adapter_head(model, config)
         text, vision = towers["text"], towers["vision"]
         text_layers, vision_layers = default_pairing(config, len(text.layers), len(vision.layers))
         config.text_layers, config.vision_layers = text_layers, vision_layers
@@ -135,6 +288,19 @@ class MITPModel(BaseTuner):
         param = next(model.parameters())
         ctx = torch.device("meta") if low_cpu_mem_usage else nullcontext()
         with ctx:
+            stand_ins = None
+            if config.missing_modality:  # docs/reliability.md, "Missing modalities"
+                text_feature_dim, vision_feature_dim = model.mitp_feature_dims()
+                stand_ins = ModalityStandIns(
+                    text_prompts=config.text_prompt_length,
+                    vision_prompts=config.vision_prompts,
+                    text_width=text.width,
+                    vision_width=vision.width,
+                    text_feature_dim=text_feature_dim,
+                    vision_feature_dim=vision_feature_dim,
+                    # Only read-outs of pairs that feed a next pair reach the hub, and only across an interaction.
+                    readout_pairs=len(text_layers) - 1 if config.interaction else 0,
+                )
             hub = MemoryHub(
                 text.width,
                 vision.width,
@@ -144,6 +310,8 @@ class MITPModel(BaseTuner):
                 activation=config.activation,
                 interaction=config.interaction,
                 memory=config.memory,
+                stand_ins=stand_ins,
+                modality_dropout=config.modality_dropout,
             )
         # Under low_cpu_mem_usage (or peft's init_empty_weights) the hub is on the meta device: loading assigns it.
         if param.device.type != "meta" and not any(p.device.type == "meta" for p in hub.parameters()):
@@ -243,6 +411,15 @@ class MITPModel(BaseTuner):
             hub = self.mitp_hub[adapter_name]
             if any(p.dtype in _UPCAST for p in hub.parameters()):
                 hub.to(torch.float32)
+        # `low_cpu_mem_usage=True` assigns a half-precision adapter file as is: give the head copy back the dtype of
+        # the head it copies, as a normal load does (docs/sharing.md, "Half-precision files").
+        if autocast_adapter_dtype:
+            for module in self.model.modules():
+                if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
+                    reference = next(module.original_module.parameters(), None)
+                    copy = module.modules_to_save[adapter_name]
+                    if reference is not None and any(p.dtype != reference.dtype for p in copy.parameters()):
+                        copy.to(reference.dtype)
 
     # ------------------------------------------------------------------ merging / unloading
     def _check_merge_allowed(self) -> None:

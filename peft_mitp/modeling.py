@@ -11,12 +11,31 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, PreTrainedConfig, PreTrainedModel
 from transformers.configuration_utils import SubConfigSpec
 from transformers.modeling_outputs import SequenceClassifierOutput
+from transformers.utils import logging
 
-from .families import BackboneFamily, ResolvedTower, family_for, pooled, resolve_tower
-from .hub import HubOutput
+from .families import (
+    BackboneFamily,
+    ResolvedTower,
+    UnsupportedBackboneError,
+    family_for,
+    pooled,
+    resolve_tower,
+    tower_layers_path,
+)
+from .hub import HubOutput, ModalityPresence
+from .layer import set_token_arguments
 from .lockstep import run_lockstep
 
 PROBLEM_TYPES = ("single_label_classification", "multi_label_classification")
+# Head size of a task model built without `num_labels` (transformers' default); an adapter resizes it.
+_PLACEHOLDER_LABELS = 2
+# Missing modalities: per tower, (the input that carries the modality, the forward's presence mask, the noun).
+_MODALITY_INPUTS = {
+    "text": ("input_ids", "text_present", "text"),
+    "vision": ("pixel_values", "image_present", "image"),
+}
+
+logger = logging.get_logger(__name__)
 
 
 def _attn_implementations(config: PreTrainedConfig) -> list[tuple[PreTrainedConfig, str | None]]:
@@ -27,6 +46,65 @@ def _attn_implementations(config: PreTrainedConfig) -> list[tuple[PreTrainedConf
         if isinstance(sub, PreTrainedConfig):
             found.extend(_attn_implementations(sub))
     return found
+
+
+_HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "subfolder", "trust_remote_code")
+
+
+def _load_tower(name_or_path: str | os.PathLike, kind: str, kwargs: dict[str, Any]) -> PreTrainedModel:
+    """One pretrained tower for `from_text_vision_pretrained`: a stand-alone encoder, or a dual encoder's tower."""
+    config = AutoConfig.from_pretrained(name_or_path, **{k: kwargs[k] for k in _HUB_KWARGS if k in kwargs})
+    # A dual-encoder checkpoint (CLIP, SigLIP, ...) brings the tower's config as a sub-config: load that tower alone.
+    tower_config = getattr(config, f"{kind}_config", None)
+    from_dual_encoder = isinstance(tower_config, PreTrainedConfig)
+    if not from_dual_encoder:
+        tower_config = config
+    tower_layers_path(tower_config.model_type, kind)  # refuse before loading any weights
+    model, info = AutoModel.from_pretrained(name_or_path, config=tower_config, output_loading_info=True, **kwargs)
+    if from_dual_encoder and info["missing_keys"]:
+        raise UnsupportedBackboneError(
+            f"Could not take the {kind} tower out of the {config.model_type!r} checkpoint {name_or_path}: "
+            f"{len(info['missing_keys'])} of its weights are not in the checkpoint (e.g. "
+            f"{sorted(info['missing_keys'])[:3]}). Give a stand-alone {kind} encoder checkpoint instead, or use the "
+            "dual encoder as a whole with `MITPForImageTextClassification.from_pretrained`."
+        )
+    return model
+
+
+def _fixed_projection(out_features: int, in_features: int, seed: int) -> torch.Tensor:
+    """Identity (zero-padded) when widening or keeping the width; a seeded semi-orthogonal map when narrowing."""
+    if out_features >= in_features:
+        return torch.eye(out_features, in_features)
+    generator = torch.Generator().manual_seed(seed)
+    return nn.init.orthogonal_(torch.empty(out_features, in_features), generator=generator)
+
+
+def _dual_encoder(
+    text_model: PreTrainedModel, vision_model: PreTrainedModel, projection_dim: int | None
+) -> PreTrainedModel:
+    """A `VisionTextDualEncoderModel` joining two towers through fixed projections (`from_text_vision_pretrained`)."""
+    from transformers import VisionTextDualEncoderConfig, VisionTextDualEncoderModel
+
+    widths = {"text": text_model.config.hidden_size, "vision": vision_model.config.hidden_size}
+    if projection_dim is None:
+        projection_dim = max(widths.values())
+    config = VisionTextDualEncoderConfig.from_vision_text_configs(
+        vision_model.config, text_model.config, projection_dim=projection_dim
+    )
+    backbone = VisionTextDualEncoderModel(config=config, vision_model=vision_model, text_model=text_model)
+    with torch.no_grad():
+        for seed, (projection, tower, width) in enumerate(
+            (
+                (backbone.text_projection, text_model, widths["text"]),
+                (backbone.visual_projection, vision_model, widths["vision"]),
+            )
+        ):
+            weight = _fixed_projection(projection_dim, width, seed)
+            parameter = next(tower.parameters())
+            projection.to(device=parameter.device, dtype=parameter.dtype)
+            projection.weight.copy_(weight)
+    backbone.requires_grad_(False)
+    return backbone.eval()
 
 
 @strict
@@ -73,6 +151,8 @@ class MITPForImageTextClassification(PreTrainedModel):
     supports_gradient_checkpointing = True
     # Trainer: the loss is a mean over the batch; no `num_items_in_batch` normalisation.
     accepts_loss_kwargs = False
+    # True while the head is `from_pretrained`'s placeholder, waiting for an adapter to size it (`set_head`).
+    mitp_head_pending: bool = False
 
     def __init__(self, config: MITPTaskConfig, backbone: PreTrainedModel | None = None) -> None:
         super().__init__(config)
@@ -84,6 +164,7 @@ class MITPForImageTextClassification(PreTrainedModel):
         self.backbone = backbone
         # Keep one config object for the backbone, so attention-implementation switches reach both.
         self.config.backbone_config = backbone.config
+        self.mitp_towers()  # fail now, not at the first adapter, on towers MITP cannot prompt
         text_dim, image_dim = self.family.feature_dims(backbone.config)
         self.dropout = nn.Dropout(config.classifier_dropout)
         self.classifier = nn.Linear(text_dim + image_dim, config.num_labels)
@@ -178,6 +259,77 @@ class MITPForImageTextClassification(PreTrainedModel):
         family_for(config.model_type)
         kwargs.pop("config", None)
         backbone = AutoModel.from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
+        # No head size given: build a placeholder head that the MITP adapter loaded next sizes from what it recorded
+        # (`PeftModel.from_pretrained`, `AutoPeftModel`); `get_peft_model` refuses it (docs/sharing.md).
+        pending = num_labels is None and id2label is None
+        model = cls.from_backbone(
+            backbone,
+            num_labels=_PLACEHOLDER_LABELS if pending else num_labels,
+            id2label=id2label,
+            problem_type=problem_type,
+            classifier_dropout=classifier_dropout,
+        )
+        if pending:
+            logger.warning(
+                f"No `num_labels` or `id2label` given for {pretrained_model_name_or_path}: the classification head is "
+                "a placeholder, sized by the MITP adapter you load next. To train a new adapter, pass num_labels=..."
+            )
+            model.mitp_head_pending = True
+        return model
+
+    @classmethod
+    def from_text_vision_pretrained(
+        cls,
+        text_name_or_path: str | os.PathLike,
+        vision_name_or_path: str | os.PathLike,
+        num_labels: int | None = None,
+        *,
+        projection_dim: int | None = None,
+        id2label: dict[int, str] | None = None,
+        problem_type: str | None = None,
+        classifier_dropout: float = 0.0,
+        **kwargs: Any,
+    ) -> MITPForImageTextClassification:
+        """Build a task model from a separately pre-trained text encoder and vision encoder (as PMF does).
+
+        The two towers are loaded by name and joined in a stock `transformers.VisionTextDualEncoderModel`, like its
+        `from_vision_text_pretrained`, but with fixed projections instead of untrained random ones: the projections
+        are frozen with the rest of the backbone, so they must not throw information away.
+
+        - `projection_dim=None` (default): P = the wider tower's width and both projections are identities, the
+          narrower tower's features zero-padded to P. The pooled features are then exactly the towers' own pooled
+          outputs (BERT's and ViT's poolers: `tanh(dense(CLS))`).
+        - `projection_dim=P`: an identity (zero-padded) for a tower of width <= P; for a wider tower a fixed random
+          semi-orthogonal map (seeded, so the same call always builds the same backbone, which a saved adapter needs).
+
+        Args:
+            text_name_or_path: a text encoder checkpoint (Hub id or folder), e.g. "google-bert/bert-base-uncased", or
+                a dual-encoder checkpoint whose text tower to take (e.g. a CLIP checkpoint gives its `CLIPTextModel`).
+            vision_name_or_path: a vision encoder checkpoint, e.g. "google/vit-base-patch16-224-in21k", or a
+                dual-encoder checkpoint whose vision tower to take.
+            num_labels / id2label / problem_type / classifier_dropout: the head, as in `from_backbone`.
+            projection_dim: width P of the projected features (see above); None: the wider tower's width.
+            **kwargs: passed to both towers' `from_pretrained` (`dtype`, `attn_implementation`, `revision`,
+                `token`, `cache_dir`, `local_files_only`, ...); prefix a key with `text_` or `vision_` to pass it to
+                that tower only (`text_revision="main"`).
+
+        Returns:
+            An `MITPForImageTextClassification` around a `VisionTextDualEncoderModel`. Save it with `save_pretrained`
+            to reload it in one piece; the towers' sources are kept in `config.backbone_config.{text,vision}_config`.
+
+        Raises:
+            UnsupportedBackboneError: a tower type MITP cannot prompt (checked before any weights are loaded).
+        """
+        if projection_dim is not None and (
+            not isinstance(projection_dim, int) or isinstance(projection_dim, bool) or projection_dim < 1
+        ):
+            raise ValueError(f"`projection_dim` must be a positive integer or None, got {projection_dim!r}.")
+        shared = {k: v for k, v in kwargs.items() if not k.startswith(("text_", "vision_"))}
+        towers = {}
+        for kind, name_or_path in (("text", text_name_or_path), ("vision", vision_name_or_path)):
+            own = {k[len(kind) + 1 :]: v for k, v in kwargs.items() if k.startswith(f"{kind}_")}
+            towers[kind] = _load_tower(name_or_path, kind, {**shared, **own})
+        backbone = _dual_encoder(towers["text"], towers["vision"], projection_dim)
         return cls.from_backbone(
             backbone,
             num_labels=num_labels,
@@ -185,6 +337,56 @@ class MITPForImageTextClassification(PreTrainedModel):
             problem_type=problem_type,
             classifier_dropout=classifier_dropout,
         )
+
+    def set_head(
+        self,
+        num_labels: int | None = None,
+        *,
+        id2label: dict[int, str] | None = None,
+        problem_type: str | None = None,
+    ) -> None:
+        """Replace the classification head by a freshly initialised one (before any adapter wraps it).
+
+        Loading an MITP adapter onto a task model built by `from_pretrained(<dual encoder>)` without `num_labels`
+        calls this with the head the adapter recorded (see `docs/sharing.md`). Call it yourself to reuse a task model
+        for another label set before `get_peft_model`.
+
+        Args:
+            num_labels: number of classes (or labels, for multi-label). Defaults to `len(id2label)`.
+            id2label: class names; None keeps transformers' default "LABEL_i" names.
+            problem_type: None or "single_label_classification" (cross-entropy), or "multi_label_classification".
+
+        Raises:
+            ValueError: neither `num_labels` nor `id2label`, a mismatch between them, or an unknown `problem_type`.
+            RuntimeError: an adapter already wraps the head (peft keeps one copy per adapter); call it before.
+        """
+        if id2label is not None:
+            id2label = {int(k): v for k, v in id2label.items()}
+            if num_labels is not None and num_labels != len(id2label):
+                raise ValueError(f"`num_labels`={num_labels} but `id2label` has {len(id2label)} entries.")
+            num_labels = len(id2label)
+        if num_labels is None:
+            raise ValueError("Give `num_labels` (the number of classes) or `id2label`.")
+        if problem_type is not None and problem_type not in PROBLEM_TYPES:
+            raise ValueError(f"`problem_type`={problem_type!r} is not supported; use one of {PROBLEM_TYPES}.")
+        old = self.classifier
+        if not isinstance(old, nn.Linear):
+            raise RuntimeError(
+                f"The head is already wrapped by an adapter ({type(old).__name__}); set it before `get_peft_model`."
+            )
+        self.config.num_labels = num_labels
+        if id2label is not None:
+            self.config.id2label = id2label
+            self.config.label2id = {v: k for k, v in id2label.items()}
+        self.config.problem_type = problem_type
+        head = nn.Linear(old.in_features, num_labels, device=old.weight.device, dtype=old.weight.dtype)
+        if head.weight.device != old.weight.device:
+            # Inside accelerate's `init_empty_weights` (peft's `low_cpu_mem_usage=True`) new parameters land on the
+            # meta device; this head is not loaded from a file, so it needs real storage.
+            head.to_empty(device=old.weight.device)
+        self.classifier = head
+        self._init_weights(head)
+        self.mitp_head_pending = False
 
     # ------------------------------------------------------------------ what the tuner needs
     def mitp_towers(self) -> dict[str, ResolvedTower]:
@@ -198,10 +400,74 @@ class MITPForImageTextClassification(PreTrainedModel):
                 layers_path=f"backbone.{tower.layers_path}",
                 width=tower.width,
                 attn_implementation=tower.attn_implementation,
+                token_arguments=tower.token_arguments,
             )
         return towers
 
+    def mitp_feature_dims(self) -> tuple[int, int]:
+        """Widths of the pooled (text, image) features the head reads (used by `MITPModel` for the stand-ins)."""
+        return self.family.feature_dims(self.backbone.config)
+
     # ------------------------------------------------------------------ forward
+    # ---- Input checks (docs/reliability.md, "Bad input") ---------------------------------------------------------
+    def _check_input_shapes(self, text_inputs: dict[str, Any], vision_inputs: dict[str, Any]) -> None:
+        """Refuse images and texts the towers cannot take, before either tower starts.
+
+        The limits come from the towers' own configs where they have them (`num_channels`, `image_size` of the
+        vision tower; `max_position_embeddings` of a text tower with absolute positions), so every family is checked
+        the same way and the message names the config field. `interpolate_pos_encoding=True` lifts the image-size
+        check (the family's vision tower then interpolates its position embeddings).
+        """
+        towers = self.mitp_towers()
+        pixels = vision_inputs.get("pixel_values")
+        if isinstance(pixels, torch.Tensor) and self.family.pixel_values_layout == "images":
+            vision_config = towers["vision"].module.config
+            if pixels.dim() != 4:
+                raise ValueError(
+                    f"`pixel_values` must be a (batch, channels, height, width) tensor, got shape "
+                    f"{tuple(pixels.shape)}. Prepare images with the backbone's image processor."
+                )
+            channels = getattr(vision_config, "num_channels", None)
+            if isinstance(channels, int) and pixels.shape[1] != channels:
+                raise ValueError(
+                    f"`pixel_values` has {pixels.shape[1]} channels (shape {tuple(pixels.shape)}), but the "
+                    f"{self.family.name} vision tower takes {channels} (its config's `num_channels`). Convert the "
+                    "images first (e.g. `image.convert('RGB')` for grayscale or RGBA), then run the image processor."
+                )
+            size = getattr(vision_config, "image_size", None)
+            if isinstance(size, int):
+                size = (size, size)
+            if (
+                isinstance(size, (list, tuple))
+                and tuple(pixels.shape[-2:]) != tuple(size)
+                and not vision_inputs.get("interpolate_pos_encoding", False)
+            ):
+                hint = (
+                    ", or pass `interpolate_pos_encoding=True` to run it at another size"
+                    if "interpolate_pos_encoding" in self.family.vision_inputs
+                    else ""
+                )
+                raise ValueError(
+                    f"`pixel_values` holds {pixels.shape[-2]}x{pixels.shape[-1]} images, but the {self.family.name} "
+                    f"vision tower takes {size[0]}x{size[1]} (its config's `image_size`). Resize them with the "
+                    f"backbone's image processor{hint}."
+                )
+        input_ids = text_inputs.get("input_ids")
+        if isinstance(input_ids, torch.Tensor):
+            if input_ids.dim() != 2:
+                raise ValueError(
+                    f"`input_ids` must be a (batch, length) tensor of token ids, got shape {tuple(input_ids.shape)}."
+                )
+            text_config = towers["text"].module.config
+            limit = getattr(text_config, "max_position_embeddings", None)
+            absolute = getattr(text_config, "position_embedding_type", "absolute") == "absolute"
+            if isinstance(limit, int) and absolute and input_ids.shape[1] > limit:
+                raise ValueError(
+                    f"`input_ids` has {input_ids.shape[1]} tokens per text, but the {self.family.name} text tower "
+                    f"takes at most {limit} (its config's `max_position_embeddings`). Truncate when tokenizing: "
+                    f"`tokenizer(..., truncation=True, max_length={limit})`."
+                )
+
     def _route_inputs(self, inputs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         text, vision = {}, {}
         for name, value in inputs.items():
@@ -212,28 +478,143 @@ class MITPForImageTextClassification(PreTrainedModel):
             elif name in self.family.vision_inputs:
                 vision[name] = value
             else:
-                accepted = sorted(set(self.family.text_inputs) | set(self.family.vision_inputs) | {"labels"})
+                accepted = sorted(
+                    set(self.family.text_inputs)
+                    | set(self.family.vision_inputs)
+                    | {"labels", "image_present", "text_present"}
+                )
                 raise TypeError(
                     f"{type(self).__name__}.forward() got the unexpected input {name!r} for a {self.family.name} "
                     f"backbone; it accepts {accepted}."
                 )
-        if "input_ids" not in text:
-            raise ValueError("`input_ids` is missing: MITP classifies image-text pairs; tokenize the text first.")
-        if "pixel_values" not in vision:
-            raise ValueError("`pixel_values` is missing: MITP classifies image-text pairs; process the image first.")
+        if "input_ids" not in text and "pixel_values" not in vision:
+            raise ValueError(
+                "Both `input_ids` and `pixel_values` are missing: MITP classifies image-text pairs; tokenize the "
+                "text and process the image first."
+            )
         return text, vision
 
+    # ---- Missing modalities (docs/reliability.md, "Missing modalities") ------------------------------------------
+    def _split_by_presence(
+        self,
+        inputs: dict[str, dict[str, Any]],
+        masks: dict[str, torch.Tensor | None],
+    ) -> tuple[dict[str, dict[str, Any] | None], ModalityPresence | None]:
+        """Which samples have which modality, and each tower's inputs cut down to the samples that have it.
+
+        Args:
+            inputs: per tower ("text", "vision"), its routed inputs.
+            masks: per tower, the forward's presence mask (`text_present`, `image_present`) or None.
+
+        Returns:
+            Per tower its inputs (None: no sample has that modality, the tower is not run), and the presence (None
+            when every sample has both modalities and no mask was given: the plain path).
+        """
+        primary = {tower: inputs[tower].get(_MODALITY_INPUTS[tower][0]) for tower in inputs}
+        if all(m is None for m in masks.values()) and all(p is not None for p in primary.values()):
+            return inputs, None
+        device = self.classifier.weight.device
+        given: dict[str, torch.Tensor] = {}
+        for tower, value in masks.items():
+            if value is None:
+                continue
+            mask_name, noun = _MODALITY_INPUTS[tower][1:]
+            mask = torch.as_tensor(value, device=device)
+            if mask.dim() != 1 or mask.is_floating_point():
+                raise ValueError(
+                    f"`{mask_name}` must be a (batch,) tensor of booleans or 0/1 integers (True: the sample has its "
+                    f"{noun}); got shape {tuple(mask.shape)} and dtype {mask.dtype}."
+                )
+            if mask.dtype != torch.bool:
+                if ((mask != 0) & (mask != 1)).any():
+                    raise ValueError(f"`{mask_name}` must hold booleans or 0/1, got values {mask.unique().tolist()}.")
+                mask = mask.bool()
+            given[tower] = mask
+        # The batch size comes from the masks when given (inputs may then hold only the rows of present samples).
+        sizes = {_MODALITY_INPUTS[t][1]: m.shape[0] for t, m in given.items()}
+        sizes = sizes or {_MODALITY_INPUTS[t][0]: p.shape[0] for t, p in primary.items() if p is not None}
+        if len(set(sizes.values())) > 1:
+            raise ValueError(
+                f"`image_present` has {sizes['image_present']} entries but `text_present` has "
+                f"{sizes['text_present']}: give one entry per sample in both."
+            )
+        batch_size = next(iter(sizes.values()))
+        present = {
+            tower: given.get(tower, torch.full((batch_size,), primary[tower] is not None, device=device))
+            for tower in inputs
+        }
+        neither = (~(present["text"] | present["vision"])).nonzero().flatten().tolist()
+        if neither:
+            raise ValueError(
+                f"Sample(s) {neither} have neither an image nor a text: every sample needs at least one modality "
+                "(check `image_present` / `text_present`)."
+            )
+        routed: dict[str, dict[str, Any] | None] = {}
+        for tower, tower_inputs in inputs.items():
+            input_name, mask_name, noun = _MODALITY_INPUTS[tower]
+            mask, value, count = present[tower], primary[tower], int(present[tower].sum())
+            if value is None:
+                if count:
+                    raise ValueError(
+                        f"`{mask_name}` marks {count} sample(s) as having their {noun}, but `{input_name}` is None: "
+                        f"give `{input_name}` for those samples."
+                    )
+                routed[tower] = None
+                continue
+            rows = value.shape[0]
+            if rows == batch_size and count != batch_size:
+                # One row per sample: keep the rows of the samples that have this modality.
+                cut = mask.to(value.device)
+                tower_inputs = {
+                    k: v[cut] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == batch_size else v
+                    for k, v in tower_inputs.items()
+                }
+            elif rows != count:
+                raise ValueError(
+                    f"`{input_name}` has {rows} rows, but the batch has {batch_size} samples (from "
+                    f"{' and '.join(f'`{k}`' for k in sizes)}) of which {count} have their {noun}: give one row per "
+                    "sample (rows of samples without it are ignored) or one row per sample that has it, in batch "
+                    "order."
+                )
+            routed[tower] = tower_inputs if count else None
+        return routed, ModalityPresence.from_masks(present["text"], present["vision"])
+
     def pooled_features(self, **inputs: Any) -> tuple[torch.Tensor, torch.Tensor, list[HubOutput]]:
-        """Run both towers in lock-step and return (text features, image features, hub outputs per pair)."""
+        """Run both towers in lock-step and return (text features, image features, hub outputs per pair).
+
+        `image_present` / `text_present` masks (or a missing `pixel_values` / `input_ids`) mark samples without that
+        modality: its tower does not run for them and the active adapter's stand-ins take its place (see `forward`).
+        """
+        masks = {"text": inputs.pop("text_present", None), "vision": inputs.pop("image_present", None)}
         text_inputs, vision_inputs = self._route_inputs(inputs)
+        self._check_input_shapes(text_inputs, vision_inputs)
+        routed, presence = self._split_by_presence({"text": text_inputs, "vision": vision_inputs}, masks)
         backbone = self.backbone
         towers = self.mitp_towers()
+        for tower in towers.values():
+            set_token_arguments(tower.layers, tower.token_arguments)
+        token = self.family.features_token
+        fns = {
+            "text": lambda: pooled(getattr(backbone, self.family.text_features)(**routed["text"]), token),
+            "vision": lambda: pooled(getattr(backbone, self.family.image_features)(**routed["vision"]), token),
+        }
         result = run_lockstep(
-            lambda: pooled(getattr(backbone, self.family.text_features)(**text_inputs)),
-            lambda: pooled(getattr(backbone, self.family.image_features)(**vision_inputs)),
+            fns["text"] if routed["text"] is not None else None,
+            fns["vision"] if routed["vision"] is not None else None,
             attn_implementations={k: t.attn_implementation for k, t in towers.items()},
+            presence=presence,
         )
-        return result.text, result.vision, result.hub_outputs
+        text, image = result.text, result.vision
+        if result.presence is not None:
+            if result.hub is None:
+                raise ValueError(
+                    f"{result.presence.describe()}, but no MITP adapter is active, so nothing can stand in for a "
+                    "missing modality. Use an adapter created with `MITPConfig(missing_modality=True)` (not inside "
+                    "`disable_adapter()`), or give every sample both an image and a text."
+                )
+            text = result.hub.fill_features("text", text, result.presence)
+            image = result.hub.fill_features("vision", image, result.presence)
+        return text, image, result.hub_outputs
 
     def forward(
         self,
@@ -243,6 +624,11 @@ class MITPForImageTextClassification(PreTrainedModel):
         labels: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         output_hub_activations: bool = False,
+        image_present: torch.Tensor | None = None,
+        text_present: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        pixel_attention_mask: torch.Tensor | None = None,
+        spatial_shapes: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> SequenceClassifierOutput:
         """Classify image-text pairs.
@@ -255,7 +641,18 @@ class MITPForImageTextClassification(PreTrainedModel):
             position_ids: optional text position ids.
             output_hub_activations: also return the memory hub's activation maps in `attentions`, as a tuple with one
                 `(text_activation, vision_activation)` pair per interaction pair that fed a next pair.
-            **kwargs: family-specific inputs (e.g. `token_type_ids`); Trainer's `num_items_in_batch` is ignored.
+            image_present: (B,) bool, False for samples without an image. Needs an active adapter created with
+                `MITPConfig(missing_modality=True)`: the vision tower does not run for those samples and the
+                adapter's learned stand-ins take its place. `pixel_values` then holds one row per sample (rows of
+                samples without an image are ignored) or one row per sample with an image. `pixel_values=None` alone
+                means no sample has an image. None (default): every sample has one.
+            text_present: (B,) bool, the same for texts (`input_ids` and the other text inputs).
+            token_type_ids: (B, L) segment ids, for families whose text tower takes them (BERT-like towers,
+                Chinese-CLIP, AltCLIP, FLAVA); named here so that `Trainer` keeps the column.
+            pixel_attention_mask: (B, P) mask of real patches, for SigLIP 2 (NaFlex) image processors.
+            spatial_shapes: (B, 2) patch-grid shapes, for SigLIP 2 (NaFlex) image processors.
+            **kwargs: other family-specific inputs (see `BackboneFamily.text_inputs` / `vision_inputs`); Trainer's
+                `num_items_in_batch` is ignored.
 
         Returns:
             `SequenceClassifierOutput` with `loss` (when labels are given) and `logits` (B, num_labels).
@@ -267,6 +664,11 @@ class MITPForImageTextClassification(PreTrainedModel):
             attention_mask=attention_mask,
             pixel_values=pixel_values,
             position_ids=position_ids,
+            image_present=image_present,
+            text_present=text_present,
+            token_type_ids=token_type_ids,
+            pixel_attention_mask=pixel_attention_mask,
+            spatial_shapes=spatial_shapes,
             **kwargs,
         )
         features = torch.cat([text, image], dim=-1).to(self.classifier.weight.dtype)
