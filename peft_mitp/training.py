@@ -18,13 +18,14 @@ from typing import Any
 import torch
 from datasets import Dataset, DatasetDict
 
+from .card import TRAINING_INFO_FILE
 from .config import MITPConfig
 from .modeling import MITPForImageTextClassification
+from .processing import ImageTextProcessor, load_processor
 
 logger = logging.getLogger(__name__)
 
 OFFLINE_BACKBONE = "offline"
-TRAINING_INFO_FILE = "mitp_training.json"
 METRICS_FILE = "metrics.json"
 ADAPTER_DIR = "adapter"
 
@@ -41,7 +42,9 @@ class TrainOptions:
             `mitp convert` / `peft_mitp.data.convert_*`.
         data_dir: for the paper's data sets: the public distribution's folder (converted on first use into
             `<data_dir>/mitp-prepared`), or an already converted folder.
-        max_train_samples / max_eval_samples: cap the splits (quick runs).
+        max_train_samples / max_eval_samples: cap the splits (None: use everything). The defaults (8,000 training
+            questions, 1,000 evaluation questions, one epoch of batch 32) keep the offline default job within about
+            five minutes on 2 CPU cores; raise them for the full data set.
         prompt_length, text_layers, vision_layers, num_interaction_layers, hub_dim, similarity, temperature,
         activation, interaction, memory: the `MITPConfig` (see docs/method.md).
         epochs, batch_size, learning_rate, weight_decay, warmup_ratio, max_steps, seed: the Trainer schedule.
@@ -57,8 +60,8 @@ class TrainOptions:
     vision_backbone: str | None = None
     dataset: str = "easy_vqa"
     data_dir: str | None = None
-    max_train_samples: int | None = None
-    max_eval_samples: int | None = None
+    max_train_samples: int | None = 8000
+    max_eval_samples: int | None = 1000
     prompt_length: int = 8
     text_layers: list[int] | None = None
     vision_layers: list[int] | None = None
@@ -70,7 +73,7 @@ class TrainOptions:
     interaction: bool = True
     memory: bool = True
     epochs: float = 1.0
-    batch_size: int = 64
+    batch_size: int = 32
     learning_rate: float = 3e-3
     weight_decay: float = 0.0
     warmup_ratio: float = 0.05
@@ -126,20 +129,16 @@ def build_task_model(
         "problem_type": "multi_label_classification" if multi_label else "single_label_classification",
     }
     if text_backbone and vision_backbone:
-        from . import processing
-
         model = MITPForImageTextClassification.from_text_vision_pretrained(
             text_backbone, vision_backbone, **head, **from_pretrained_kwargs
         )
-        return model, processing.load_processor(text_name_or_path=text_backbone, vision_name_or_path=vision_backbone)
+        return model, load_processor(text_name_or_path=text_backbone, vision_name_or_path=vision_backbone)
     if backbone == OFFLINE_BACKBONE:
         from .offline_backbone import build_offline_backbone, offline_processor
 
         return MITPForImageTextClassification.from_backbone(build_offline_backbone(), **head), offline_processor()
-    from . import processing
-
     model = MITPForImageTextClassification.from_pretrained(backbone, **head, **from_pretrained_kwargs)
-    return model, processing.load_processor(backbone)
+    return model, load_processor(backbone)
 
 
 def load_data(options: TrainOptions) -> tuple[DatasetDict, list[str], bool]:
@@ -148,7 +147,7 @@ def load_data(options: TrainOptions) -> tuple[DatasetDict, list[str], bool]:
 
     if options.dataset == "easy_vqa":
         data = load_easy_vqa(max_train=options.max_train_samples, max_test=options.max_eval_samples, seed=options.seed)
-        return data, get_label_names(data), False
+        return _cap(data, options), get_label_names(data), False
     if options.dataset in DATASETS:
         if options.data_dir is None:
             raise ValueError(
@@ -187,7 +186,8 @@ class ImageTextCollator:
     Processing happens per batch, in the DataLoader, so nothing is pre-computed or cached on disk.
 
     Args:
-        processor: called as `processor(text=texts, images=images, return_tensors="pt", padding=True)`.
+        processor: a `peft_mitp.ImageTextProcessor` (from `peft_mitp.load_processor`), or any transformers
+            processor called as `processor(text=texts, images=images, return_tensors="pt", padding=True)`.
         multi_label: read `labels` (lists of 0/1) instead of `label` (class index).
         max_length: truncate texts to this many tokens (None: the tokenizer's limit).
     """
@@ -200,10 +200,13 @@ class ImageTextCollator:
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         images = [row["image"].convert("RGB") for row in rows]
         texts = [row["text"] for row in rows]
-        kwargs: dict[str, Any] = {"padding": True, "truncation": True}
+        kwargs: dict[str, Any] = {"truncation": True}
         if self.max_length is not None:
             kwargs["max_length"] = self.max_length
-        batch = dict(self.processor(text=texts, images=images, return_tensors="pt", **kwargs))
+        if isinstance(self.processor, ImageTextProcessor):
+            batch = dict(self.processor(images, texts, **kwargs))  # it knows the family's padding rule
+        else:
+            batch = dict(self.processor(text=texts, images=images, return_tensors="pt", padding=True, **kwargs))
         if "label" in rows[0] or "labels" in rows[0]:
             if self.multi_label:
                 batch["labels"] = torch.tensor([row["labels"] for row in rows], dtype=torch.float32)
@@ -238,7 +241,8 @@ def train(options: TrainOptions) -> dict[str, Any]:
 
     eval_split = "validation" if "validation" in data else "test"
     steps_per_epoch = math.ceil(len(data["train"]) / options.batch_size)
-    eval_strategy = "steps" if options.eval_steps else "epoch"
+    # One evaluation at the end is enough for a single epoch; longer runs evaluate (and checkpoint) every epoch.
+    eval_strategy = "steps" if options.eval_steps else ("epoch" if options.epochs > 1 else "no")
     args = TrainingArguments(
         output_dir=str(output / "checkpoints"),
         num_train_epochs=options.epochs,
@@ -285,6 +289,9 @@ def train(options: TrainOptions) -> dict[str, Any]:
 
     adapter_dir = output / ADAPTER_DIR
     info = {
+        "base_model": (
+            f"{options.text_backbone} + {options.vision_backbone}" if options.text_backbone else options.backbone
+        ),
         "backbone": options.backbone,
         "text_backbone": options.text_backbone,
         "vision_backbone": options.vision_backbone,

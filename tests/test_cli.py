@@ -4,23 +4,25 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import pytest
 from PIL import Image
+from test_families import towers as _towers_fixture  # noqa: F401  (tiny local BERT + ViT folders)
 
 from peft_mitp.cli import main
 
 SUBCOMMANDS = ["train", "evaluate", "predict", "explain", "convert"]
 
 
-def test_console_script_has_help_on_every_subcommand():
-    for command in [[], *[[name] for name in SUBCOMMANDS]]:
-        proc = subprocess.run(
-            [sys.executable, "-m", "peft_mitp.cli", *command, "--help"], capture_output=True, text=True, timeout=120
-        )
-        assert proc.returncode == 0, proc.stderr
-        assert "usage: mitp" in proc.stdout
+def test_console_script_has_help_on_every_subcommand(capsys):
+    proc = subprocess.run(["mitp", "--help"], capture_output=True, text=True, timeout=300)  # the installed script
+    assert proc.returncode == 0, proc.stderr
+    assert "usage: mitp" in proc.stdout and all(name in proc.stdout for name in SUBCOMMANDS)
+    for name in SUBCOMMANDS:
+        with pytest.raises(SystemExit) as exit_info:
+            main([name, "--help"])
+        assert exit_info.value.code == 0
+        assert f"usage: mitp {name}" in capsys.readouterr().out
 
 
 @pytest.fixture(scope="module")
@@ -92,3 +94,17 @@ def test_predict_without_inputs_says_what_to_give(tmp_path):
         main(["predict", str(tmp_path)])
     with pytest.raises(SystemExit, match="does not exist"):
         main(["predict", str(tmp_path), "--image", str(tmp_path / "missing.png"), "--text", "what shape?"])
+
+
+@pytest.mark.slow
+def test_train_with_a_text_and_a_vision_backbone_by_path(_towers_fixture, tmp_path):  # noqa: F811
+    """The non-offline path: separately pre-trained towers (tiny local BERT + ViT) and their own processors."""
+    towers = _towers_fixture
+    out = tmp_path / "pair"
+    code = main(["train", "--text-backbone", str(towers["bert"]), "--vision-backbone", str(towers["vit"]),
+                 "--max-train-samples", "48", "--max-eval-samples", "24", "--batch-size", "16", "--max-steps", "2",
+                 "--num-interaction-layers", "1", "--output-dir", str(out)])
+    assert code == 0
+    info = json.loads((out / "adapter" / "mitp_training.json").read_text())
+    assert info["text_backbone"] == str(towers["bert"])
+    assert main(["evaluate", str(out), "--max-eval-samples", "16", "--batch-size", "8"]) == 0
