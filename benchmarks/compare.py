@@ -24,6 +24,7 @@ It prints Markdown tables and writes them, the raw numbers (JSON) and an accurac
 from __future__ import annotations
 
 import argparse
+import ast
 import copy
 import dataclasses
 import gc
@@ -65,6 +66,27 @@ class Settings:
     threads: int = os.cpu_count() or 2
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     data_seed: int = 0
+    learning_rates: dict[str, float] = field(default_factory=dict)
+    mitp_options: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_method(name: str, settings: Settings) -> Any:
+    """`METHODS[name]` with the settings' overrides: a learning rate, and for "mitp" changed `TrainOptions` fields."""
+    from benchmarks.methods import build_mitp
+
+    method = METHODS[name]
+    if name == "mitp" and settings.mitp_options:
+        options = dict(settings.mitp_options)
+        learning_rate = options.pop("learning_rate", method.learning_rate)
+        method = dataclasses.replace(
+            method,
+            description=f"{method.description}, with {settings.mitp_options}",
+            build=lambda b, n: build_mitp(b, n, **options),
+            learning_rate=learning_rate,
+        )
+    if name in settings.learning_rates:
+        method = dataclasses.replace(method, learning_rate=settings.learning_rates[name])
+    return method
 
 
 QUICK = {"max_train": 2000, "max_test": 300, "budgets": [15, 45], "batch_size": 16, "repeats": 5}
@@ -116,6 +138,55 @@ def _measure_costs(model: torch.nn.Module, method: Any, batch: dict[str, torch.T
     return row
 
 
+def _paired_references(
+    model: torch.nn.Module,
+    method: Any,
+    batch: dict[str, torch.Tensor],
+    backbone_file: Path,
+    num_labels: int,
+    settings: Settings,
+    with_full_finetuning: bool,
+) -> dict[str, float]:
+    """The ratios the targets are about, timed in alternation in this process (steady under a drifting load).
+
+    Inference of `model` against the frozen backbone alone (a fresh copy); with `with_full_finetuning`, also the
+    training step of `model` against a full fine-tuning model built on another fresh copy.
+    """
+    from benchmarks.baselines import split_inputs
+    from peft_mitp.families import family_for
+
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    backbone = torch.load(backbone_file, weights_only=False)
+    family = family_for(backbone.config.model_type)
+    text, vision = split_inputs(family, inputs)
+
+    def backbone_forward() -> None:
+        getattr(backbone, family.text_features)(**text)
+        getattr(backbone, family.image_features)(**vision)
+
+    model.eval()
+    with torch.no_grad():
+        own, reference = harness.paired_median_seconds(
+            [lambda: model(**inputs), backbone_forward], settings.repeats
+        )
+    out = {"inference_vs_backbone": own / reference}
+    if with_full_finetuning:
+        full_method = METHODS["full-ft"]
+        full = full_method.build(backbone, num_labels)
+        optimizers = [
+            harness.make_optimizer(model, method.learning_rate, method.backbone_learning_rate),
+            harness.make_optimizer(full, full_method.learning_rate, full_method.backbone_learning_rate),
+        ]
+        model.train()
+        full.train()
+        own, reference = harness.paired_median_seconds(
+            [lambda: harness.train_step(model, optimizers[0], batch), lambda: harness.train_step(full, optimizers[1], batch)],
+            settings.repeats,
+        )
+        out["step_vs_full_finetuning"] = own / reference
+    return out
+
+
 def run_method(name: str, settings: Settings, data: dict[str, Any], backbone_file: Path) -> dict[str, Any]:
     """Everything measured for one method (call it in a fresh process: the memory peak is read first thing).
 
@@ -134,9 +205,14 @@ def run_method(name: str, settings: Settings, data: dict[str, Any], backbone_fil
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     if name == REFERENCE:
         return _measure_backbone(torch.load(backbone_file, weights_only=False), inputs, settings.repeats)
-    method = METHODS[name]
+    method = resolve_method(name, settings)
     torch.manual_seed(settings.seeds[0])
-    row = _measure_costs(method.build(torch.load(backbone_file, weights_only=False), num_labels), method, batch, settings)
+    model = method.build(torch.load(backbone_file, weights_only=False), num_labels)
+    row = _measure_costs(model, method, batch, settings)
+    row["paired"] = _paired_references(
+        model, method, batch, backbone_file, num_labels, settings, with_full_finetuning=name == "mitp"
+    )
+    del model
     gc.collect()
     row["runs"] = []
     for seed in settings.seeds:
@@ -186,11 +262,12 @@ def prepare(settings: Settings, workdir: Path) -> dict[str, Any]:
         "test_rows": len(test),
         "test_rows_per_type": {g: test.groups.count(g) for g in GROUPS},
         "majority_test_accuracy": float((test.labels == torch.mode(splits["train"].labels).values).float().mean()),
+        "question_prior": harness.question_prior(splits["train"], test),
         "labels": labels,
     }
 
 
-def run_all(settings: Settings, output: Path) -> dict[str, Any]:
+def run_all(settings: Settings) -> dict[str, Any]:
     """Run every method in its own process, one after the other; returns the raw results."""
     started = time.time()
     info = harness.machine_info()
@@ -246,6 +323,7 @@ def summarise(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
         summary["breakdown"] = row.get("memory_breakdown", {})
         summary["autograd_layers"] = row.get("autograd_layers")
         summary["interaction_layers"] = row.get("interaction_layers")
+        summary["paired"] = row.get("paired", {})
         budgets = {}
         for steps in settings["budgets"]:
             runs = [r for r in row.get("runs", []) if r["steps"] == steps]
@@ -275,6 +353,15 @@ def _layers(layers: dict[str, list[int]] | None) -> str:
     return f"text {span(layers['text'])}, vision {span(layers['vision'])}"
 
 
+def _backbone_ratio(summary: dict[str, Any], reference: dict[str, Any]) -> str:
+    """Inference time against the frozen backbone: the alternating measurement when there is one."""
+    paired = (summary.get("paired") or {}).get("inference_vs_backbone")
+    if paired is not None:
+        return f"{paired:.2f}x"
+    sequential = _ratio(summary.get("inference_s_per_sample"), reference.get("inference_s_per_sample"))
+    return sequential if sequential == "–" else sequential + " (seq.)"
+
+
 def targets(summary: dict[str, dict[str, Any]], budgets: list[int]) -> list[tuple[str, str, bool | None]]:
     """The issue's targets for MITP: (target, measured, met) — met is None when it could not be measured."""
     mitp, full, ref = summary.get("mitp", {}), summary.get("full-ft", {}), summary.get(REFERENCE, {})
@@ -289,8 +376,17 @@ def targets(summary: dict[str, dict[str, Any]], budgets: list[int]) -> list[tupl
 
     ratio_target("peak training memory <= 0.4x full fine-tuning (RSS above the built model)", "peak_mib", full, 0.4)
     ratio_target("peak training memory <= 0.4x full fine-tuning (profiler, tensors)", "profiler_peak_mib", full, 0.4)
-    ratio_target("training step time <= 0.5x full fine-tuning", "step_s", full, 0.5)
-    ratio_target("inference time <= 1.15x the frozen backbone alone", "inference_s_per_sample", ref, 1.15)
+    ratio_target("training step time <= 0.5x full fine-tuning (one after the other)", "step_s", full, 0.5)
+    paired = mitp.get("paired", {})
+    if "step_vs_full_finetuning" in paired:
+        ratio = paired["step_vs_full_finetuning"]
+        out.append(("training step time <= 0.5x full fine-tuning (timed in alternation)", f"{ratio:.2f}x", ratio <= 0.5))
+    ratio_target("inference time <= 1.15x the frozen backbone alone (one after the other)", "inference_s_per_sample",
+                 ref, 1.15)
+    if "inference_vs_backbone" in paired:
+        ratio = paired["inference_vs_backbone"]
+        out.append(("inference time <= 1.15x the frozen backbone alone (timed in alternation)", f"{ratio:.2f}x",
+                    ratio <= 1.15))
     for steps in budgets:
         own = mitp.get("budgets", {}).get(steps, {}).get("accuracy")
         if own is None:
@@ -344,9 +440,16 @@ def markdown(results: dict[str, Any]) -> str:
         f"### Accuracy and cost ({longest} steps)",
         "",
         "| method | trainable params | x MITP | test acc | yes/no | color | shape | train step (ms) | x MITP | "
-        "inference (ms/sample) | x MITP | x backbone | peak train mem (MiB) | x MITP |",
+        "inference (ms/sample) | x MITP | x backbone (alternating) | peak train mem (MiB) | x MITP |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
+    prior = data.get("question_prior")
+    if prior:
+        lines.append(
+            f"| question-only prior (no image) | 0 | – | {prior['accuracy']:.3f} | "
+            + " | ".join(f"{prior.get(f'accuracy_{g}', float('nan')):.3f}" for g in GROUPS)
+            + " | – | – | – | – | – | – | – |"
+        )
     for name, s in summary.items():
         if s.get("error"):
             lines.append(f"| {name} | failed |" + " |" * 13)
@@ -365,10 +468,18 @@ def markdown(results: dict[str, Any]) -> str:
             + " | ".join(f"{acc.get(f'accuracy_{g}', float('nan')):.3f}" for g in GROUPS)
             + f" | {s['step_s'] * 1e3:.0f} | {_ratio(s['step_s'], mitp.get('step_s'))} | "
             f"{s['inference_s_per_sample'] * 1e3:.2f} | {_ratio(s['inference_s_per_sample'], mitp.get('inference_s_per_sample'))} | "
-            f"{_ratio(s['inference_s_per_sample'], ref.get('inference_s_per_sample'))} | "
+            f"{_backbone_ratio(s, ref)} | "
             f"{s['peak_mib']:.0f} | {_ratio(s['peak_mib'], mitp.get('peak_mib'))} |"
         )
     lines += [
+        "",
+        "The question-only prior answers each test question with the answer most often given to the same question "
+        "text in training: a method that matches it on a question type answers that type without the image.",
+        "",
+        "Times are medians over repeats on one fixed batch, each method in its own process, one after the other; "
+        "\"x backbone (alternating)\" times the method's inference and the frozen backbone's in alternation in the same "
+        "process, which a drifting machine load does not skew (\"seq.\": no such measurement in this run, the ratio of "
+        "the sequential medians).",
         "",
         "### Test accuracy against training budget",
         "",
@@ -417,8 +528,9 @@ def markdown(results: dict[str, Any]) -> str:
     for label, measured, met in targets(summary, budgets):
         lines.append(f"| {label} | {measured} | {'–' if met is None else ('yes' if met else '**no**')} |")
     lines += ["", "### Methods and learning rates", "", "| method | what | learning rate |", "| --- | --- | --- |"]
+    resolved = Settings(**{**settings, "methods": list(trained)})
     for name in trained:
-        m = METHODS[name]
+        m = resolve_method(name, resolved)
         lr = f"{m.learning_rate:g}" + (f" (backbone {m.backbone_learning_rate:g})" if m.backbone_learning_rate else "")
         lines.append(f"| {name} | {m.description} | {lr} |")
     return "\n".join(lines) + "\n"
@@ -439,9 +551,14 @@ def plot(results: dict[str, Any], path: Path) -> None:
         style = {"linewidth": 2.5, "color": "black"} if name == "mitp" else {"linewidth": 1}
         ax.plot(budgets, accs, "o-", label=name, **style)
     ax.axhline(results["data"]["majority_test_accuracy"], color="grey", linestyle=":", label="majority class")
+    prior = results["data"].get("question_prior")
+    if prior:
+        ax.axhline(prior["accuracy"], color="grey", linestyle="--", label="question-only prior")
     ax.set_xlabel(f"training steps (batch {results['settings']['batch_size']})")
     ax.set_ylabel("test accuracy")
     ax.set_xscale("log")
+    ax.set_xticks(budgets, [str(b) for b in budgets])
+    ax.minorticks_off()
     ax.set_title("easy-VQA, offline backbone: accuracy against budget")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
@@ -461,6 +578,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     parser.add_argument("--seeds", nargs="+", type=int)
     parser.add_argument("--repeats", type=int, help="timed repeats per measurement (medians)")
     parser.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    parser.add_argument("--lr", nargs="+", default=[], metavar="METHOD=LR", help="override methods' learning rates")
+    parser.add_argument(
+        "--mitp-option", nargs="+", default=[], metavar="FIELD=VALUE",
+        help="change fields of the `TrainOptions` MITP runs with (e.g. hub_dim=512 learning_rate=0.01); ablations keep "
+        "the defaults",
+    )
     parser.add_argument("--output", type=Path, help="folder for the report (default: benchmarks/results/compare-*)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
@@ -473,11 +596,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         value = getattr(args, key)
         if value is not None:
             setattr(settings, key, value)
+    settings.learning_rates = {k: float(v) for k, v in (item.split("=", 1) for item in args.lr)}
+    unknown = sorted(set(settings.learning_rates) - set(METHODS))
+    if unknown:
+        parser.error(f"--lr names unknown methods {unknown}; choose from {list(METHODS)}")
+    settings.mitp_options = {k: ast.literal_eval(v) for k, v in (item.split("=", 1) for item in args.mitp_option)}
     if "mitp" not in settings.methods:
         settings.methods = ["mitp", *settings.methods]  # every ratio is to MITP
     output = args.output or ROOT / "benchmarks" / "results" / ("compare-quick" if args.quick else "compare-full")
     output.mkdir(parents=True, exist_ok=True)
-    results = run_all(copy.deepcopy(settings), output)
+    results = run_all(copy.deepcopy(settings))
     report = markdown(results)
     (output / "results.json").write_text(json.dumps(results, indent=1))
     (output / "report.md").write_text(report)

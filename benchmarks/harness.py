@@ -52,6 +52,7 @@ __all__ = [
     "median_seconds",
     "paired_median_seconds",
     "profile_step_memory",
+    "question_prior",
     "trainable_parameters",
     "train",
     "train_step",
@@ -163,6 +164,34 @@ def load_encoded_easy_vqa(
     processor = offline_processor()
     splits = {name: encode_split(data[name], processor) for name in ("train", "test")}
     return splits, get_label_names(data)
+
+
+def question_prior(train: EncodedSplit, test: EncodedSplit) -> dict[str, float]:
+    """Accuracy of answering from the question alone: each test question gets the answer most often given to the same
+    question text in training (the overall most frequent answer for a question never seen in training).
+
+    A method whose accuracy on a question type equals this prior answers that type without looking at the image.
+
+    Returns:
+        Metrics as `evaluate` returns them ("accuracy", "accuracy_<group>").
+    """
+
+    def keys(split: EncodedSplit) -> list[tuple[int, ...]]:
+        texts = [tuple(ids[mask.bool()].tolist()) for ids, mask in zip(split.input_ids, split.attention_mask, strict=True)]
+        return [texts[i] for i in split.text_index.tolist()]
+
+    counts: dict[tuple[int, ...], torch.Tensor] = {}
+    num_labels = int(max(train.labels.max(), test.labels.max())) + 1
+    for key, label in zip(keys(train), train.labels.tolist(), strict=True):
+        counts.setdefault(key, torch.zeros(num_labels, dtype=torch.long))[label] += 1
+    overall = int(torch.bincount(train.labels, minlength=num_labels).argmax())
+    predicted = torch.tensor([int(counts[k].argmax()) if k in counts else overall for k in keys(test)])
+    correct = (predicted == test.labels).float()
+    metrics = {"accuracy": float(correct.mean())}
+    for group in sorted(set(test.groups)):
+        mask = torch.tensor([g == group for g in test.groups])
+        metrics[f"accuracy_{group}"] = float(correct[mask].mean())
+    return metrics
 
 
 def batch_order(num_rows: int, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
