@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from .families import TokenArgument, TokenArgumentKind
+from .families import TokenArgumentKind
 from .lockstep import current_tower
 from .prompt_mask import extend_attention_mask
 
@@ -42,9 +42,6 @@ class MITPLayer(nn.Module, BaseTunerLayer):
 
     adapter_layer_names = ("mitp_prompt",)
     other_param_names = ("mitp_pair",)
-    # Per-token call arguments besides the mask (rotary embeddings, pairwise biases), set from the family table by the
-    # task model before each forward (`set_token_arguments`).
-    mitp_token_arguments: tuple[TokenArgument, ...] = ()
     # Names of the wrapped layer's positional parameters after the hidden states, read from its signature once.
     _mitp_positional_names: tuple[str, ...] | None = None
 
@@ -148,7 +145,7 @@ class MITPLayer(nn.Module, BaseTunerLayer):
             mask = extend_mask(kwargs.get("attention_mask"))
             if mask is not None or "attention_mask" in kwargs:
                 kwargs["attention_mask"] = mask
-        for argument in self.mitp_token_arguments:
+        for argument in tower.token_arguments:
             if kwargs.get(argument.name) is not None:
                 kwargs[argument.name] = extend_token_argument(
                     argument.kind,
@@ -253,15 +250,3 @@ def extend_token_argument(
     if kind == "mask":
         return extend_mask(value)
     raise ValueError(f"Unknown per-token argument kind {kind!r}; use 'rotary', 'pairwise' or 'mask'.")
-
-
-def set_token_arguments(layers: Iterable[nn.Module], token_arguments: tuple[TokenArgument, ...]) -> None:
-    """Tell a tower's interaction layers which of their call arguments are per-token (`ResolvedTower.token_arguments`).
-
-    Args:
-        layers: the tower's encoder layers; those wrapped in an `MITPLayer` are updated, the others are skipped.
-        token_arguments: the tower's per-token arguments besides the attention mask (from `peft_mitp.families`).
-    """
-    for layer in layers:
-        if isinstance(layer, MITPLayer):
-            layer.mitp_token_arguments = token_arguments

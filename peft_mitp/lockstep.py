@@ -20,6 +20,7 @@ from typing import Any
 import greenlet
 import torch
 
+from .families import TokenArgument
 from .hub import HubOutput, MemoryHub, ModalityPresence
 
 TOWERS = ("text", "vision")
@@ -42,12 +43,22 @@ class _Readout:
 class _Tower(greenlet.greenlet):
     """A tower forward running as a coroutine of the scheduler."""
 
-    def __init__(self, name: str, fn: Callable[[], Any], grad_enabled: bool, attn_implementation: str | None) -> None:
+    def __init__(
+        self,
+        name: str,
+        fn: Callable[[], Any],
+        grad_enabled: bool,
+        attn_implementation: str | None,
+        token_arguments: tuple[TokenArgument, ...] = (),
+    ) -> None:
         super().__init__(run=self._body)
         self.name = name
         self.fn = fn
         self.grad_enabled = grad_enabled
+        # What the tower's interaction layers need to extend their inputs by the prompts: the attention implementation
+        # (mask format) and the per-token call arguments besides the mask (rotary embeddings, pairwise biases).
         self.attn_implementation = attn_implementation
+        self.token_arguments = token_arguments
 
     def _body(self, *_: Any) -> Any:
         # Extraction layers below the first interaction layer run without autograd (nothing below it is trainable);
@@ -119,6 +130,7 @@ def run_lockstep(
     vision_fn: Callable[[], Any] | None,
     attn_implementations: dict[str, str | None] | None = None,
     presence: ModalityPresence | None = None,
+    token_arguments: dict[str, tuple[TokenArgument, ...]] | None = None,
 ) -> LockstepResult:
     """Run `text_fn` and `vision_fn` (the stock tower forwards) in lock-step with the memory hub between them.
 
@@ -137,17 +149,22 @@ def run_lockstep(
         vision_fn: runs the vision tower and returns its features; None: no sample has an image.
         attn_implementations: per tower, the `_attn_implementation` the interaction layers need for mask extension.
         presence: which samples each tower runs (its inputs hold exactly those rows); None: all samples, both towers.
+        token_arguments: per tower, the per-token call arguments of its layers besides the attention mask
+            (`ResolvedTower.token_arguments`), which the interaction layers extend by the prompts.
 
     Returns:
         `LockstepResult`.
     """
     grad_enabled = torch.is_grad_enabled()
     impls = attn_implementations or {}
+    per_token = token_arguments or {}
     fns = {"text": text_fn, "vision": vision_fn}
     if None in fns.values() and presence is None:
         raise ValueError("A tower without a feature function needs `presence` (which samples lack its modality).")
     towers = {
-        name: _Tower(name, fn, grad_enabled, impls.get(name)) for name, fn in fns.items() if fn is not None
+        name: _Tower(name, fn, grad_enabled, impls.get(name), per_token.get(name, ()))
+        for name, fn in fns.items()
+        if fn is not None
     }
     if not towers:
         raise ValueError("Neither tower has anything to run: every sample lacks both modalities.")

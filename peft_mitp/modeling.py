@@ -23,7 +23,6 @@ from .families import (
     tower_layers_path,
 )
 from .hub import HubOutput, ModalityPresence
-from .layer import set_token_arguments
 from .lockstep import run_lockstep
 
 PROBLEM_TYPES = ("single_label_classification", "multi_label_classification")
@@ -591,8 +590,6 @@ class MITPForImageTextClassification(PreTrainedModel):
         routed, presence = self._split_by_presence({"text": text_inputs, "vision": vision_inputs}, masks)
         backbone = self.backbone
         towers = self.mitp_towers()
-        for tower in towers.values():
-            set_token_arguments(tower.layers, tower.token_arguments)
         token = self.family.features_token
         fns = {
             "text": lambda: pooled(getattr(backbone, self.family.text_features)(**routed["text"]), token),
@@ -603,6 +600,7 @@ class MITPForImageTextClassification(PreTrainedModel):
             fns["vision"] if routed["vision"] is not None else None,
             attn_implementations={k: t.attn_implementation for k, t in towers.items()},
             presence=presence,
+            token_arguments={k: t.token_arguments for k, t in towers.items()},
         )
         text, image = result.text, result.vision
         if result.presence is not None:
