@@ -44,6 +44,7 @@ if str(ROOT) not in sys.path:  # run as `python benchmarks/compare.py`
     sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from benchmarks import harness  # noqa: E402
 from benchmarks.methods import METHODS  # noqa: E402
@@ -170,6 +171,12 @@ def _paired_references(
             [lambda: model(**inputs), backbone_forward], settings.repeats
         )
     out = {"inference_vs_backbone": own / reference}
+    # Compute against time: a FLOP ratio well below the time ratio points at overhead outside the matrix products.
+    with torch.no_grad(), FlopCounterMode(display=False) as own_flops:
+        model(**inputs)
+    with torch.no_grad(), FlopCounterMode(display=False) as reference_flops:
+        backbone_forward()
+    out["inference_flops_vs_backbone"] = own_flops.get_total_flops() / reference_flops.get_total_flops()
     if with_full_finetuning:
         full_method = METHODS["full-ft"]
         full = full_method.build(backbone, num_labels)
@@ -362,6 +369,12 @@ def _backbone_ratio(summary: dict[str, Any], reference: dict[str, Any]) -> str:
     return sequential if sequential == "–" else sequential + " (seq.)"
 
 
+def _flops_ratio(summary: dict[str, Any]) -> str:
+    """Inference FLOPs (matrix products, attention, convolutions) against the frozen backbone's, on the timed batch."""
+    ratio = (summary.get("paired") or {}).get("inference_flops_vs_backbone")
+    return "–" if ratio is None else f"{ratio:.2f}x"
+
+
 def targets(summary: dict[str, dict[str, Any]], budgets: list[int]) -> list[tuple[str, str, bool | None]]:
     """The issue's targets for MITP: (target, measured, met) — met is None when it could not be measured."""
     mitp, full, ref = summary.get("mitp", {}), summary.get("full-ft", {}), summary.get(REFERENCE, {})
@@ -440,25 +453,26 @@ def markdown(results: dict[str, Any]) -> str:
         f"### Accuracy and cost ({longest} steps)",
         "",
         "| method | trainable params | x MITP | test acc | yes/no | color | shape | train step (ms) | x MITP | "
-        "inference (ms/sample) | x MITP | x backbone (alternating) | peak train mem (MiB) | x MITP |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "inference (ms/sample) | x MITP | x backbone (alternating) | inference FLOPs x backbone | peak train mem (MiB) | "
+        "x MITP |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     prior = data.get("question_prior")
     if prior:
         lines.append(
             f"| question-only prior (no image) | 0 | – | {prior['accuracy']:.3f} | "
             + " | ".join(f"{prior.get(f'accuracy_{g}', float('nan')):.3f}" for g in GROUPS)
-            + " | – | – | – | – | – | – | – |"
+            + " | – | – | – | – | – | – | – | – |"
         )
     for name, s in summary.items():
         if s.get("error"):
-            lines.append(f"| {name} | failed |" + " |" * 13)
+            lines.append(f"| {name} | failed |" + " |" * 14)
             continue
         if name == REFERENCE:
             inf = s["inference_s_per_sample"]
             lines.append(
                 f"| frozen backbone alone | 0 | – | – | – | – | – | – | – | {inf * 1e3:.2f} | "
-                f"{_ratio(inf, mitp.get('inference_s_per_sample'))} | 1.00x | – | – |"
+                f"{_ratio(inf, mitp.get('inference_s_per_sample'))} | 1.00x | 1.00x | – | – |"
             )
             continue
         acc = s["budgets"].get(longest, {})
@@ -468,7 +482,7 @@ def markdown(results: dict[str, Any]) -> str:
             + " | ".join(f"{acc.get(f'accuracy_{g}', float('nan')):.3f}" for g in GROUPS)
             + f" | {s['step_s'] * 1e3:.0f} | {_ratio(s['step_s'], mitp.get('step_s'))} | "
             f"{s['inference_s_per_sample'] * 1e3:.2f} | {_ratio(s['inference_s_per_sample'], mitp.get('inference_s_per_sample'))} | "
-            f"{_backbone_ratio(s, ref)} | "
+            f"{_backbone_ratio(s, ref)} | {_flops_ratio(s)} | "
             f"{s['peak_mib']:.0f} | {_ratio(s['peak_mib'], mitp.get('peak_mib'))} |"
         )
     lines += [
@@ -479,7 +493,8 @@ def markdown(results: dict[str, Any]) -> str:
         "Times are medians over repeats on one fixed batch, each method in its own process, one after the other; "
         "\"x backbone (alternating)\" times the method's inference and the frozen backbone's in alternation in the same "
         "process, which a drifting machine load does not skew (\"seq.\": no such measurement in this run, the ratio of "
-        "the sequential medians).",
+        "the sequential medians); \"inference FLOPs x backbone\" counts the same batch's matrix products, attention and "
+        "convolutions (`torch.utils.flop_counter`), so a time ratio well above it is overhead outside that compute.",
         "",
         "### Test accuracy against training budget",
         "",

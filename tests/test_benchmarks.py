@@ -240,13 +240,15 @@ def test_compare_report_states_targets_ratios_and_budgets():
         "rows": {
             "backbone": {"trainable": 0, "total": 1000, "inference_s_per_sample": 0.010},
             "mitp": {**row(0.80, 0.4, 30.0, 0.011),
-                     "paired": {"inference_vs_backbone": 1.2, "step_vs_full_finetuning": 0.45}},
+                     "paired": {"inference_vs_backbone": 1.2, "step_vs_full_finetuning": 0.45,
+                                "inference_flops_vs_backbone": 1.1}},
             "linear-probe": row(0.85, 0.2, 10.0, 0.010),
             "full-ft": row(0.90, 1.0, 100.0, 0.010),
         },
     }
     report = compare.markdown(results)
     assert "| mitp | 100 | 1.00x | 0.800 |" in report
+    assert "| 1.20x | 1.10x |" in report  # inference time and FLOPs against the frozen backbone, side by side
     assert "| training step time <= 0.5x full fine-tuning (one after the other) | 0.40x (0.4 vs 1) | yes |" in report
     assert "| training step time <= 0.5x full fine-tuning (timed in alternation) | 0.45x | yes |" in report
     assert "| peak training memory <= 0.4x full fine-tuning (RSS above the built model) | 0.30x (30 vs 100) | yes |" in report
@@ -320,4 +322,8 @@ def test_compare_runs_end_to_end_on_a_few_samples(tmp_path):
     assert rows["mitp"]["memory"]["peak_mib"] > 0
     assert rows["mitp"]["autograd_layers"]["text"][0] == rows["mitp"]["interaction_layers"]["text"][0]
     assert (tmp_path / "report.md").read_text().count("| mitp |") >= 3
+    # Counted compute: the probe adds only its head to the backbone; MITP's prompts lengthen every interaction layer.
+    probe_flops = rows["linear-probe"]["paired"]["inference_flops_vs_backbone"]
+    assert 1.0 <= probe_flops < 1.01
+    assert rows["mitp"]["paired"]["inference_flops_vs_backbone"] > 1.05
     assert (tmp_path / "accuracy_vs_budget.png").stat().st_size > 0
