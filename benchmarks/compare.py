@@ -369,6 +369,11 @@ def _backbone_ratio(summary: dict[str, Any], reference: dict[str, Any]) -> str:
     return sequential if sequential == "–" else sequential + " (seq.)"
 
 
+def _epochs(steps: int, settings: dict[str, Any], data: dict[str, Any]) -> str:
+    """A step budget in passes over the training rows."""
+    return f"{steps * settings['batch_size'] / data['train_rows']:.2g}"
+
+
 def _flops_ratio(summary: dict[str, Any]) -> str:
     """Inference FLOPs (matrix products, attention, convolutions) against the frozen backbone's, on the timed batch."""
     ratio = (summary.get("paired") or {}).get("inference_flops_vs_backbone")
@@ -498,7 +503,11 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         "### Test accuracy against training budget",
         "",
-        "| method | " + " | ".join(f"{b} steps" for b in budgets) + " | " + " | ".join(f"rank @{b}" for b in budgets) + " |",
+        "| method | "
+        + " | ".join(f"{b} steps ({_epochs(b, settings, data)} epochs)" for b in budgets)
+        + " | "
+        + " | ".join(f"rank @{b}" for b in budgets)
+        + " |",
         "| --- | " + " | ".join("---:" for _ in budgets * 2) + " |",
     ]
     trained = {n: s for n, s in summary.items() if n != REFERENCE and not s.get("error")}

@@ -249,6 +249,7 @@ def test_compare_report_states_targets_ratios_and_budgets():
     report = compare.markdown(results)
     assert "| mitp | 100 | 1.00x | 0.800 |" in report
     assert "| 1.20x | 1.10x |" in report  # inference time and FLOPs against the frozen backbone, side by side
+    assert "| 20 steps (1.8 epochs) |" in report  # budgets also as passes over the 90 training rows, batch 8
     assert "| training step time <= 0.5x full fine-tuning (one after the other) | 0.40x (0.4 vs 1) | yes |" in report
     assert "| training step time <= 0.5x full fine-tuning (timed in alternation) | 0.45x | yes |" in report
     assert "| peak training memory <= 0.4x full fine-tuning (RSS above the built model) | 0.30x (30 vs 100) | yes |" in report
