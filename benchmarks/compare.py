@@ -310,6 +310,67 @@ def run_all(settings: Settings) -> dict[str, Any]:
     }
 
 
+def merge(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One report from several runs of the same command with different `--methods` (e.g. split over two cores).
+
+    Training is deterministic for a given seed and data, so a method that ran in several runs must have the same
+    accuracies in each: that is checked (it proves the runs are the same setting), and a mismatch is an error. Each
+    method keeps its row from the first run it appears in; MITP's comes from the first run. Times and memory of methods
+    from different runs were measured in different processes at different times (the alternating columns are always
+    within one process); the report says which run each method came from.
+
+    Raises:
+        ValueError: the runs differ in anything but `methods`, or a method's accuracies differ between runs.
+    """
+    if not runs:
+        raise ValueError("Nothing to merge: give at least one results.json.")
+    first = runs[0]
+
+    def setting(run: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in run["settings"].items() if k != "methods"}
+
+    for index, run in enumerate(runs[1:], start=2):
+        if setting(run) != setting(first) or run["data"] != first["data"]:
+            raise ValueError(
+                f"Run {index} was made with other settings or data than run 1 ({setting(run)} vs {setting(first)}); "
+                "only runs of the same command with different --methods can be merged."
+            )
+    rows: dict[str, Any] = {}
+    sources: dict[str, int] = {}
+    for index, run in enumerate(runs, start=1):
+        for name, row in run["rows"].items():
+            if name not in rows:
+                rows[name], sources[name] = row, index
+                continue
+            if name == REFERENCE or "error" in row or "error" in rows[name]:
+                continue
+            accuracies = [{k: v for k, v in r.items() if k != "train_s"} for r in row["runs"]]
+            kept = [{k: v for k, v in r.items() if k != "train_s"} for r in rows[name]["runs"]]
+            if accuracies != kept:
+                raise ValueError(
+                    f"{name} trained to different results in run {sources[name]} and run {index}: the runs are not "
+                    "the same setting (or training is not deterministic here), so they cannot be merged."
+                )
+    methods = [name for name in rows if name != REFERENCE]
+    return {
+        **first,
+        "settings": {**first["settings"], "methods": methods},
+        "rows": rows,
+        "loadavg_end": runs[-1]["loadavg_end"],
+        "wall_s": sum(run["wall_s"] for run in runs),
+        "merged_from": [
+            {
+                "date": run["machine"]["date"],
+                "loadavg": run["machine"]["loadavg"],
+                "wall_s": run["wall_s"],
+                "methods": [n for n in run["rows"] if sources.get(n) == index],
+                "also_ran": [n for n in run["rows"] if n != REFERENCE and sources.get(n) != index],
+            }
+            for index, run in enumerate(runs, start=1)
+        ],
+    }
+
+
 # -------------------------------------------------------------------------------------------------------------- report
 def _median(values: list[float]) -> float | None:
     values = [v for v in values if v is not None]
@@ -367,6 +428,27 @@ def _backbone_ratio(summary: dict[str, Any], reference: dict[str, Any]) -> str:
         return f"{paired:.2f}x"
     sequential = _ratio(summary.get("inference_s_per_sample"), reference.get("inference_s_per_sample"))
     return sequential if sequential == "–" else sequential + " (seq.)"
+
+
+def _merged_lines(results: dict[str, Any]) -> list[str]:
+    """For a merged report (`merge`): which run each method comes from."""
+    runs = results.get("merged_from")
+    if not runs:
+        return []
+    lines = [
+        "",
+        f"Merged from {len(runs)} runs of the same command with different `--methods` (each method's accuracies are "
+        "identical in every run it ran in, which `merge` checks); time and memory ratios between methods of different "
+        "runs compare processes run at different times, the alternating columns are always within one process:",
+        "",
+    ]
+    for index, run in enumerate(runs, start=1):
+        also = f" (also ran, same accuracies: {', '.join(run['also_ran'])})" if run["also_ran"] else ""
+        lines.append(
+            f"- run {index}: {run['date']}, load average at start {run['loadavg'][0]:.2f}, "
+            f"{run['wall_s'] / 60:.1f} min: {', '.join(run['methods']) or 'nothing new'}{also}"
+        )
+    return lines
 
 
 def _epochs(steps: int, settings: dict[str, Any], data: dict[str, Any]) -> str:
@@ -454,6 +536,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"{'/'.join(f'{x:.2f}' for x in results['loadavg_end'])}; Python {machine['python']}, torch "
         f"{machine['torch']}, transformers {machine['transformers']}, peft {machine['peft']}; {machine['date']}; "
         f"wall time {results['wall_s'] / 60:.1f} min.",
+        *_merged_lines(results),
         "",
         f"### Accuracy and cost ({longest} steps)",
         "",
@@ -609,12 +692,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         "the defaults",
     )
     parser.add_argument("--output", type=Path, help="folder for the report (default: benchmarks/results/compare-*)")
+    parser.add_argument(
+        "--merge", nargs="+", type=Path, metavar="RESULTS",
+        help="write one report from the results.json (or their folders) of runs of the same command with different "
+        "--methods, instead of running anything",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         _worker_main(args.worker, args.workdir)
         return None
+    if args.merge:
+        paths = [path / "results.json" if path.is_dir() else path for path in args.merge]
+        missing = [str(path) for path in paths if not path.is_file()]
+        if missing:
+            parser.error(f"--merge: no results file at {missing}; give the results.json (or folder) compare.py wrote")
+        try:
+            results = merge([json.loads(path.read_text()) for path in paths])
+        except ValueError as error:
+            parser.error(f"--merge: {error}")
+        output = args.output or ROOT / "benchmarks" / "results" / "compare-merged"
+        return _write(results, output)
     settings = Settings(**(QUICK if args.quick else {}))
     for key in ("methods", "budgets", "max_train", "max_test", "batch_size", "seeds", "repeats", "threads"):
         value = getattr(args, key)
@@ -629,7 +728,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         settings.methods = ["mitp", *settings.methods]  # every ratio is to MITP
     output = args.output or ROOT / "benchmarks" / "results" / ("compare-quick" if args.quick else "compare-full")
     output.mkdir(parents=True, exist_ok=True)
-    results = run_all(copy.deepcopy(settings))
+    return _write(run_all(copy.deepcopy(settings)), output)
+
+
+def _write(results: dict[str, Any], output: Path) -> dict[str, Any]:
+    """Write the report, the raw results and the plot into `output`, and print the report."""
+    output.mkdir(parents=True, exist_ok=True)
     report = markdown(results)
     (output / "results.json").write_text(json.dumps(results, indent=1))
     (output / "report.md").write_text(report)

@@ -218,34 +218,41 @@ def test_profiler_breakdown_finds_the_optimizer_state_and_the_step_peak():
     assert breakdown["step_peak_mib"] >= breakdown["optimizer_state_mib"]
 
 
-def test_compare_report_states_targets_ratios_and_budgets():
-    from benchmarks import compare
+def _report_row(acc: float, step: float, memory: float, inference: float) -> dict:
+    """A compare.py result row with the given accuracy (at the longer of budgets 10 and 20) and costs."""
+    runs = [{"seed": 0, "steps": s, "train_s": 1.0, "final_loss": 1.0, "accuracy": acc - 0.1 * (s == 10),
+             "accuracy_yes/no": acc, "accuracy_color": acc, "accuracy_shape": acc} for s in (10, 20)]
+    return {"trainable": 100, "total": 1000, "step_s": step, "inference_s_per_sample": inference,
+            "memory": {"peak_mib": memory}, "memory_breakdown": {"step_peak_mib": memory},
+            "autograd_layers": {"text": [3, 4, 5], "vision": [3, 4, 5]},
+            "interaction_layers": {"text": [3, 4, 5], "vision": [3, 4, 5]}, "runs": runs}
 
-    def row(acc: float, step: float, memory: float, inference: float) -> dict:
-        runs = [{"seed": 0, "steps": s, "train_s": 1.0, "final_loss": 1.0, "accuracy": acc - 0.1 * (s == 10),
-                 "accuracy_yes/no": acc, "accuracy_color": acc, "accuracy_shape": acc} for s in (10, 20)]
-        return {"trainable": 100, "total": 1000, "step_s": step, "inference_s_per_sample": inference,
-                "memory": {"peak_mib": memory}, "memory_breakdown": {"step_peak_mib": memory},
-                "autograd_layers": {"text": [3, 4, 5], "vision": [3, 4, 5]},
-                "interaction_layers": {"text": [3, 4, 5], "vision": [3, 4, 5]}, "runs": runs}
 
-    results = {
-        "settings": {"budgets": [10, 20], "batch_size": 8, "seeds": [0], "repeats": 3, "threads": 2, "memory_steps": 2},
+def _report_results(rows: dict[str, dict]) -> dict:
+    """compare.py results around `rows` (plus the frozen backbone's), as `run_all` returns them."""
+    return {
+        "settings": {"budgets": [10, 20], "batch_size": 8, "seeds": [0], "repeats": 3, "threads": 2, "memory_steps": 2,
+                     "methods": [n for n in rows]},
         "data": {"train_rows": 90, "test_rows": 30, "test_rows_per_type": {"yes/no": 10, "color": 10, "shape": 10},
                  "majority_test_accuracy": 0.3},
         "machine": {"cpu": "cpu", "nproc": 2, "loadavg": (1.0, 1.0, 1.0), "python": "3", "torch": "t",
                     "transformers": "x", "peft": "p", "date": "today"},
         "loadavg_end": (1.0, 1.0, 1.0),
         "wall_s": 60.0,
-        "rows": {
-            "backbone": {"trainable": 0, "total": 1000, "inference_s_per_sample": 0.010},
-            "mitp": {**row(0.80, 0.4, 30.0, 0.011),
-                     "paired": {"inference_vs_backbone": 1.2, "step_vs_full_finetuning": 0.45,
-                                "inference_flops_vs_backbone": 1.1}},
-            "linear-probe": row(0.85, 0.2, 10.0, 0.010),
-            "full-ft": row(0.90, 1.0, 100.0, 0.010),
-        },
+        "rows": {"backbone": {"trainable": 0, "total": 1000, "inference_s_per_sample": 0.010}, **rows},
     }
+
+
+def test_compare_report_states_targets_ratios_and_budgets():
+    from benchmarks import compare
+
+    results = _report_results({
+        "mitp": {**_report_row(0.80, 0.4, 30.0, 0.011),
+                 "paired": {"inference_vs_backbone": 1.2, "step_vs_full_finetuning": 0.45,
+                            "inference_flops_vs_backbone": 1.1}},
+        "linear-probe": _report_row(0.85, 0.2, 10.0, 0.010),
+        "full-ft": _report_row(0.90, 1.0, 100.0, 0.010),
+    })
     report = compare.markdown(results)
     assert "| mitp | 100 | 1.00x | 0.800 |" in report
     assert "| 1.20x | 1.10x |" in report  # inference time and FLOPs against the frozen backbone, side by side
@@ -256,6 +263,41 @@ def test_compare_report_states_targets_ratios_and_budgets():
     assert "| inference time <= 1.15x the frozen backbone alone (timed in alternation) | 1.20x | **no** |" in report
     assert "above: linear-probe 0.850 | **no** |" in report  # the accuracy target, missed, with the better baseline
     assert "no gradient below the first interaction layer" in report
+
+
+def test_merged_report_takes_each_method_once_and_says_where_it_came_from(tmp_path):
+    import json
+
+    from benchmarks import compare
+
+    first = _report_results({"mitp": _report_row(0.80, 0.4, 30.0, 0.011), "pmf": _report_row(0.7, 0.5, 40.0, 0.012)})
+    second = _report_results({"mitp": _report_row(0.80, 0.9, 35.0, 0.02), "full-ft": _report_row(0.9, 1.0, 100.0, 0.01)})
+    for index, run in enumerate((first, second)):
+        (tmp_path / f"run{index}").mkdir()
+        (tmp_path / f"run{index}" / "results.json").write_text(json.dumps(run))
+    merged = compare.main(["--merge", str(tmp_path / "run0"), str(tmp_path / "run1" / "results.json"),
+                           "--output", str(tmp_path / "merged")])
+    assert list(merged["rows"]) == ["backbone", "mitp", "pmf", "full-ft"]
+    assert merged["rows"]["mitp"]["step_s"] == 0.4  # MITP's row from the first run
+    report = (tmp_path / "merged" / "report.md").read_text()
+    assert "Merged from 2 runs" in report
+    assert "- run 2: today, load average at start 1.00, 1.0 min: full-ft (also ran, same accuracies: mitp)" in report
+    assert "| peak training memory <= 0.4x full fine-tuning (RSS above the built model) | 0.30x (30 vs 100) | yes |" in report
+
+
+def test_merge_refuses_runs_that_are_not_the_same_setting(tmp_path, capsys):
+    from benchmarks import compare
+
+    base = _report_results({"mitp": _report_row(0.80, 0.4, 30.0, 0.011)})
+    other_accuracy = _report_results({"mitp": _report_row(0.75, 0.4, 30.0, 0.011)})
+    with pytest.raises(ValueError, match="mitp trained to different results in run 1 and run 2"):
+        compare.merge([base, other_accuracy])
+    other_budgets = {**base, "settings": {**base["settings"], "budgets": [10, 40]}}
+    with pytest.raises(ValueError, match="Run 2 was made with other settings or data"):
+        compare.merge([base, other_budgets])
+    with pytest.raises(SystemExit):
+        compare.main(["--merge", str(tmp_path / "nowhere")])
+    assert f"no results file at ['{tmp_path / 'nowhere'}']" in capsys.readouterr().err
 
 
 def test_cost_growth_measures_both_methods_and_reports_their_ratio(tmp_path):
