@@ -2,7 +2,7 @@
 
 The adapter (prompts, memory hub, head) stays in float32 whatever the backbone's dtype (`MITPModel` upcasts it and
 the hub casts its inputs). This script builds one randomly initialised CLIP-shaped dual encoder with an MITP adapter
-whose hub is perturbed away from its zero-initialised generation maps (so the cross-modal path matters), builds the
+whose hub is perturbed away from its zero-initialised gates (so the cross-modal path matters), builds the
 same weights with the backbone in each dtype (cast before the adapter is added, so the adapter stays float32) and
 each attention implementation, runs one training step's forward and backward on the same batch, and prints a
 Markdown table of

@@ -181,13 +181,20 @@ class MemoryHub(nn.Module):
     Activation (softmax over the similarities, one direction per modality):
         $A_{t \leftarrow v} = \mathrm{softmax}_\text{row}(S)$, $A_{v \leftarrow t} = \mathrm{softmax}_\text{row}(S^\top)$.
 
-    Generation (residual memory plus the activated other modality, mapped back to each tower's width):
-        $C_t = R_t + U_t (A_{t \leftarrow v} H_v)$, $C_v = R_v + U_v (A_{v \leftarrow t} H_t)$.
+    Generation (residual memory plus the activated other modality, mapped back to each tower's width, normalised and
+    brought to the scale of that tower's read-out, then gated):
+        $C_t = R_t + g_t \odot \mathrm{rms}(R_t)\,\mathrm{LN}(U_t (A_{t \leftarrow v} H_v))$,
+        $C_v = R_v + g_v \odot \mathrm{rms}(R_v)\,\mathrm{LN}(U_v (A_{v \leftarrow t} H_t))$,
+    with $\mathrm{rms}(R)$ the root mean square of each read-out token (a measured scale, not differentiated), LN
+    without parameters and $g$ a learned per-channel gate.
 
     The layers of pair k+1 add their own learned prompts $E^{k+1}$ to the carry: $P^{k+1} = E^{k+1} + C^{k+1}$.
     With `memory=False` the residual $R$ is dropped; with `interaction=False` the cross term is dropped (and no maps
-    are created). The generation maps $U$ start at zero, so a fresh adapter behaves like temporal prompts without
-    interaction and learns how much to draw from the other modality.
+    are created). The gates $g$ start at zero, so a fresh adapter behaves like temporal prompts without interaction
+    and learns how much to draw from the other modality. The normalisation keeps the cross term at the scale of the
+    tower's own hidden states however large the maps grow in training: without it, the generated prompts grew to
+    about ten times the hidden states' norm on the offline benchmark and drowned what the image tokens carry
+    (docs/benchmarks.md, "Why the cross term is normalised").
 
     Args:
         text_width: hidden width of the text tower.
@@ -230,6 +237,8 @@ class MemoryHub(nn.Module):
             self.vision_in = nn.Linear(vision_width, hub_dim)
             self.text_out = nn.Linear(hub_dim, text_width)
             self.vision_out = nn.Linear(hub_dim, vision_width)
+            self.text_gate = nn.Parameter(torch.empty(text_width))
+            self.vision_gate = nn.Parameter(torch.empty(vision_width))
             self.reset_parameters()
         # Held by the hub so that they live in `mitp_hub[adapter]`: saved, loaded and switched with the adapter.
         self.stand_ins = stand_ins
@@ -237,14 +246,13 @@ class MemoryHub(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Initialise the maps: consolidation maps as `nn.Linear` does, generation maps at zero."""
+        """Initialise the maps as `nn.Linear` does and the gates at zero (no cross-modal term at the start)."""
         if not self.interaction:
             return
-        for linear in (self.text_in, self.vision_in):
+        for linear in (self.text_in, self.vision_in, self.text_out, self.vision_out):
             linear.reset_parameters()
-        for linear in (self.text_out, self.vision_out):
-            nn.init.zeros_(linear.weight)
-            nn.init.zeros_(linear.bias)
+        nn.init.zeros_(self.text_gate)
+        nn.init.zeros_(self.vision_gate)
 
     def similarities(self, text_hidden: torch.Tensor, vision_hidden: torch.Tensor) -> torch.Tensor:
         """Consolidation: (B, M_t, d_h) x (B, M_v, d_h) -> (B, M_t, M_v), already divided by the temperature."""
@@ -283,14 +291,20 @@ class MemoryHub(nn.Module):
         scores = self.similarities(text_hidden, vision_hidden)
         text_activation = self.activate(scores)
         vision_activation = self.activate(scores.transpose(1, 2))
-        text_cross = self.text_out(text_activation @ vision_hidden)
-        vision_cross = self.vision_out(vision_activation @ text_hidden)
+        text_cross = self._generate(self.text_out(text_activation @ vision_hidden), text_readout, self.text_gate)
+        vision_cross = self._generate(self.vision_out(vision_activation @ text_hidden), vision_readout, self.vision_gate)
         return HubOutput(
             text_prompts=text_cross if text_carry is None else text_carry + text_cross,
             vision_prompts=vision_cross if vision_carry is None else vision_carry + vision_cross,
             text_activation=text_activation,
             vision_activation=vision_activation,
         )
+
+    @staticmethod
+    def _generate(mapped: torch.Tensor, readout: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """The gated cross term: `mapped` normalised, at the read-out's per-token scale (see the class docstring)."""
+        scale = readout.detach().pow(2).mean(dim=-1, keepdim=True).sqrt()
+        return gate * scale * F.layer_norm(mapped, mapped.shape[-1:])
 
     # ---- Missing modalities (docs/reliability.md, "Missing modalities") ------------------------------------------
     def resolve_presence(self, presence: ModalityPresence | None, batch_size: int) -> ModalityPresence | None:

@@ -22,7 +22,7 @@ ITERATIONS = 12
 
 
 def _model(seed: int, **config) -> torch.nn.Module:
-    """A tiny CLIP with an MITP adapter whose hub is moved off its zero-initialised generation maps."""
+    """A tiny CLIP with an MITP adapter whose hub is moved off its zero-initialised gates."""
     model = make_model(MITPConfig(**{"prompt_length": 4, "num_interaction_layers": 3, "hub_dim": 16, **config}),
                        seed=seed).eval()
     with torch.no_grad():

@@ -28,7 +28,7 @@ def test_disabled_adapter_gives_stock_clip_features(inputs):
 def test_enabled_adapter_changes_features(inputs):
     model = make_model()
     with torch.no_grad():
-        model.base_model.mitp_hub["default"].text_out.weight.normal_()
+        model.base_model.mitp_hub["default"].text_gate.fill_(1.0)  # open the cross-modal term (it starts closed)
     task = model.base_model.model
     with torch.no_grad():
         text, image, _ = task.pooled_features(**inputs)
@@ -245,3 +245,34 @@ def test_hub_activations_are_returned_per_pair(inputs):
     text_act, vision_act = out.attentions[0]
     assert text_act.shape == (4, 4, 3) and vision_act.shape == (4, 3, 4)
     torch.testing.assert_close(text_act.sum(-1), torch.ones(4, 4))
+
+
+def test_fresh_hub_carries_each_readout_unchanged():
+    hub = MemoryHub(8, 12, hub_dim=4)
+    text, vision = torch.randn(2, 3, 8), torch.randn(2, 5, 12)
+    out = hub(text, vision)
+    # The gates start at zero: a fresh adapter is temporal prompts without interaction.
+    torch.testing.assert_close(out.text_prompts, text, atol=0, rtol=0)
+    torch.testing.assert_close(out.vision_prompts, vision, atol=0, rtol=0)
+    assert out.text_activation.shape == (2, 3, 5) and out.vision_activation.shape == (2, 5, 3)
+
+
+def test_generated_term_stays_at_the_scale_of_the_readout_however_large_the_maps_grow():
+    hub = MemoryHub(8, 12, hub_dim=4)
+    text, vision = 30 * torch.randn(2, 3, 8), 0.1 * torch.randn(2, 5, 12)
+    with torch.no_grad():
+        hub.text_gate.fill_(0.5)
+        hub.vision_gate.fill_(2.0)
+        for linear in (hub.text_out, hub.vision_out):
+            linear.weight.mul_(1e4)
+    out = hub(text, vision)
+    # Per token: |generated| = gate * rms(read-out) * |LN(.)| = gate * |read-out| (LN output has unit RMS).
+    torch.testing.assert_close((out.text_prompts - text).norm(dim=-1), 0.5 * text.norm(dim=-1), rtol=1e-3, atol=0)
+    torch.testing.assert_close((out.vision_prompts - vision).norm(dim=-1), 2.0 * vision.norm(dim=-1), rtol=1e-3, atol=0)
+    # The gates learn: they get a gradient even while they are zero (the maps do not, until a gate opens).
+    hub.zero_grad()
+    with torch.no_grad():
+        hub.text_gate.zero_()
+    hub(text, vision).text_prompts.sum().backward()
+    assert hub.text_gate.grad.abs().sum() > 0
+    assert hub.text_out.weight.grad.abs().sum() == 0

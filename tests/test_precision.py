@@ -31,7 +31,7 @@ def _model(
     before_peft: Callable[[MITPForImageTextClassification], None] | None = None,
 ):
     """The tiny CLIP cast to `dtype` *before* the adapter is added (as `from_pretrained(..., dtype=...)` would), with
-    its hub moved off its zero-initialised generation maps so the cross-modal path carries signal. The same weights
+    its hub moved off its zero-initialised gates so the cross-modal path carries signal. The same weights
     for every dtype."""
     clip = tiny_clip().to(dtype)
     base = MITPForImageTextClassification.from_backbone(clip, num_labels=5)
