@@ -310,7 +310,7 @@ def run_all(settings: Settings) -> dict[str, Any]:
     }
 
 
-def merge(runs: list[dict[str, Any]]) -> dict[str, Any]:
+def merge(runs: list[dict[str, Any]], take: list[list[str] | None] | None = None) -> dict[str, Any]:
     """One report from several runs of the same command with different `--methods` (e.g. split over two cores).
 
     Training is deterministic for a given seed and data, so a method that ran in several runs must have the same
@@ -319,11 +319,31 @@ def merge(runs: list[dict[str, Any]]) -> dict[str, Any]:
     from different runs were measured in different processes at different times (the alternating columns are always
     within one process); the report says which run each method came from.
 
+    Args:
+        runs: the results of `run_all` (results.json), in order of preference.
+        take: per run, the methods to use from it (None: all); a method left out of a run is neither used nor
+            checked there (e.g. a row made before a change to that method's code).
+
     Raises:
         ValueError: the runs differ in anything but `methods`, or a method's accuracies differ between runs.
     """
     if not runs:
         raise ValueError("Nothing to merge: give at least one results.json.")
+    take = take or [None] * len(runs)
+    if len(take) != len(runs):
+        raise ValueError(f"`take` names methods for {len(take)} runs but {len(runs)} runs were given.")
+    left_out = [
+        sorted(set(run["rows"]) - set(names) - {REFERENCE}) if names else []
+        for run, names in zip(runs, take, strict=True)
+    ]
+    runs = [
+        run if names is None else {**run, "rows": {n: r for n, r in run["rows"].items() if n in names or n == REFERENCE}}
+        for run, names in zip(runs, take, strict=True)
+    ]
+    for run, names in zip(runs, take, strict=True):
+        missing = sorted(set(names or ()) - set(run["rows"]))
+        if missing:
+            raise ValueError(f"Asked to take {missing} from a run that has only {sorted(run['rows'])}.")
     first = runs[0]
 
     def setting(run: dict[str, Any]) -> dict[str, Any]:
@@ -365,6 +385,7 @@ def merge(runs: list[dict[str, Any]]) -> dict[str, Any]:
                 "wall_s": run["wall_s"],
                 "methods": [n for n in run["rows"] if sources.get(n) == index],
                 "also_ran": [n for n in run["rows"] if n != REFERENCE and sources.get(n) != index],
+                "left_out": left_out[index - 1],
             }
             for index, run in enumerate(runs, start=1)
         ],
@@ -444,6 +465,8 @@ def _merged_lines(results: dict[str, Any]) -> list[str]:
     ]
     for index, run in enumerate(runs, start=1):
         also = f" (also ran, same accuracies: {', '.join(run['also_ran'])})" if run["also_ran"] else ""
+        if run.get("left_out"):
+            also += f" (left out: {', '.join(run['left_out'])})"
         lines.append(
             f"- run {index}: {run['date']}, load average at start {run['loadavg'][0]:.2f}, "
             f"{run['wall_s'] / 60:.1f} min: {', '.join(run['methods']) or 'nothing new'}{also}"
@@ -693,9 +716,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     )
     parser.add_argument("--output", type=Path, help="folder for the report (default: benchmarks/results/compare-*)")
     parser.add_argument(
-        "--merge", nargs="+", type=Path, metavar="RESULTS",
+        "--merge", nargs="+", metavar="RESULTS",
         help="write one report from the results.json (or their folders) of runs of the same command with different "
-        "--methods, instead of running anything",
+        "--methods, instead of running anything; RESULTS:m1,m2 takes only those methods from that run",
     )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
@@ -704,12 +727,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         _worker_main(args.worker, args.workdir)
         return None
     if args.merge:
-        paths = [path / "results.json" if path.is_dir() else path for path in args.merge]
+        paths, take = [], []
+        for item in map(str, args.merge):
+            path, _, names = item.rpartition(":") if ":" in item and "/" not in item.rpartition(":")[2] else (item, "", "")
+            path = Path(path)
+            paths.append(path / "results.json" if path.is_dir() else path)
+            take.append(names.split(",") if names else None)
         missing = [str(path) for path in paths if not path.is_file()]
         if missing:
             parser.error(f"--merge: no results file at {missing}; give the results.json (or folder) compare.py wrote")
         try:
-            results = merge([json.loads(path.read_text()) for path in paths])
+            results = merge([json.loads(path.read_text()) for path in paths], take)
         except ValueError as error:
             parser.error(f"--merge: {error}")
         output = args.output or ROOT / "benchmarks" / "results" / "compare-merged"
