@@ -515,15 +515,20 @@ def targets(summary: dict[str, dict[str, Any]], budgets: list[int]) -> list[tupl
         if own is None:
             out.append((f"accuracy >= every baseline but full FT at {steps} steps", "not measured", None))
             continue
-        better = sorted(
-            (f"{name} {s['budgets'][steps]['accuracy']:.3f}")
+        above = {
+            name: s["budgets"][steps]["accuracy"]
             for name, s in summary.items()
             if name not in ("mitp", "full-ft", REFERENCE)
             and not s.get("error")
             and steps in s.get("budgets", {})
             and s["budgets"][steps]["accuracy"] > own
-        )
-        measured = f"MITP {own:.3f}; " + ("above: " + ", ".join(better) if better else "none above it")
+        }
+        # MITP's own ablations are not baselines: they are named, but they do not decide the target.
+        better = sorted(f"{n} {a:.3f}" for n, a in above.items() if n not in METHODS or METHODS[n].group != "ablation")
+        ablations = sorted(f"{n} {a:.3f}" for n, a in above.items() if n in METHODS and METHODS[n].group == "ablation")
+        measured = f"MITP {own:.3f}; " + ("baselines above: " + ", ".join(better) if better else "no baseline above it")
+        if ablations:
+            measured += "; ablations above: " + ", ".join(ablations)
         out.append((f"accuracy >= every baseline but full FT at {steps} steps", measured, not better))
     layers, pairs = mitp.get("autograd_layers"), mitp.get("interaction_layers")
     if layers and pairs:
