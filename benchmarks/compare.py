@@ -679,12 +679,13 @@ def plot(results: dict[str, Any], path: Path) -> None:
     summary = summarise(results)
     budgets = results["settings"]["budgets"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, s in summary.items():
+    colours = plt.get_cmap("tab20").colors  # one colour per method (the default cycle repeats after 10)
+    for index, (name, s) in enumerate(summary.items()):
         if name == REFERENCE or s.get("error"):
             continue
         accs = [s["budgets"].get(b, {}).get("accuracy") for b in budgets]
-        style = {"linewidth": 2.5, "color": "black"} if name == "mitp" else {"linewidth": 1}
-        ax.plot(budgets, accs, "o-", label=name, **style)
+        style = {"linewidth": 2.5, "color": "black"} if name == "mitp" else {"linewidth": 1, "color": colours[index % 20]}
+        ax.plot(budgets, accs, "os^vD"[index % 5] + "-", label=name, **style)
     ax.axhline(results["data"]["majority_test_accuracy"], color="grey", linestyle=":", label="majority class")
     prior = results["data"].get("question_prior")
     if prior:

@@ -374,3 +374,25 @@ def test_compare_runs_end_to_end_on_a_few_samples(tmp_path):
     assert 1.0 <= probe_flops < 1.01
     assert rows["mitp"]["paired"]["inference_flops_vs_backbone"] > 1.05
     assert (tmp_path / "accuracy_vs_budget.png").stat().st_size > 0
+
+
+def test_hub_scale_logs_the_generated_term_of_both_hub_designs(tmp_path):
+    from benchmarks import hub_scale
+
+    results = {
+        hub: hub_scale.main(["--hub", hub, "--steps", "3", "--max-train", "64", "--max-test", "16", "--batch-size", "8",
+                             "--output", str(tmp_path)])
+        for hub in ("shipped", "before-fix")
+    }
+    for hub, result in results.items():
+        assert result["pairs"] == 2  # 3 interaction layers: the hub runs between pairs 0-1 and 1-2
+        assert len(result["records"]) == 3 * 2
+        first = result["records"][0]
+        # Both designs start as temporal prompts without interaction: nothing generated before the first update.
+        assert first["generated_text"] == 0 and first["generated_vision"] == 0
+        assert first["readout_text"] > 1
+        assert (tmp_path / f"hub_scale-{hub}.md").read_text().startswith(f"Hub: {hub}; 3 steps")
+    # After two updates the first design's term has grown unbounded by the read-out; the shipped one stays a small
+    # fraction of it (its gates moved by about two learning-rate steps).
+    last = {hub: r["records"][-1] for hub, r in results.items()}
+    assert last["before-fix"]["generated_vision"] > 10 * last["shipped"]["generated_vision"] > 0
