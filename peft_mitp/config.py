@@ -277,7 +277,8 @@ class MITPConfig(PeftConfig):
         - an `adapter_config.json` of another peft method (peft would hand back, say, a `LoraConfig`);
         - fields this version of `MITPConfig` does not know (peft would drop them with a warning);
         - with `check_weights`, an adapter whose `adapter_model.safetensors` is missing, truncated, or present only as
-          a pickled `adapter_model.bin` (see `peft_mitp.model.check_adapter_weights`).
+          a pickled `adapter_model.bin` (see `peft_mitp.model.check_adapter_weights`), or whose memory hub lacks the
+          gates this version's hub has (`peft_mitp.model.check_hub_weights`).
 
         Args:
             pretrained_model_name_or_path: a local adapter directory or a Hub repo id.
@@ -305,9 +306,10 @@ class MITPConfig(PeftConfig):
                 "the method from the file), or point to a directory saved from an MITP adapter."
             )
         if check_weights:
-            from .model import check_adapter_weights  # model.py imports this module
+            from .model import check_adapter_weights, check_hub_weights  # model.py imports this module
 
-            check_adapter_weights(pretrained_model_name_or_path, subfolder=subfolder, **cls._split_kwargs(kwargs)[0])
+            path = check_adapter_weights(pretrained_model_name_or_path, subfolder=subfolder, **cls._split_kwargs(kwargs)[0])
+            check_hub_weights(path, config.interaction)
         return config
 
 

@@ -215,6 +215,38 @@ def check_adapter_weights(
     return path
 
 
+HUB_GATES = ("text_gate", "vision_gate")
+
+
+def check_hub_weights(path: str, interaction: bool) -> None:
+    """Refuse an adapter file whose memory hub lacks the gates this version's hub has (`MemoryHub`).
+
+    Before the hub's generated term was normalised and gated (docs/method.md), a hub had no gates; peft would load such
+    a file with a warning and leave the gates at zero, silently turning the adapter into one without interaction.
+
+    Args:
+        path: the local `adapter_model.safetensors` (as `check_adapter_weights` returns it).
+        interaction: the adapter config's `interaction` (a hub without interaction has no maps and no gates).
+
+    Raises:
+        ValueError: the file holds hub maps but not both gates.
+    """
+    from safetensors import safe_open
+
+    if not interaction:
+        return
+    with safe_open(path, framework="pt") as weights:
+        keys = list(weights.keys())
+    hub_keys = [key for key in keys if ".mitp_hub." in key]
+    missing = [gate for gate in HUB_GATES if not any(key.endswith(f"mitp_hub.{gate}") for key in hub_keys)]
+    if hub_keys and missing:
+        raise ValueError(
+            f"{path} holds a memory hub without {missing}: it was saved by a peft_mitp version from before the hub's "
+            "generated term was normalised and gated, and this version's hub computes something else with it "
+            "(docs/method.md, the generation step). Train the adapter again with this version."
+        )
+
+
 class MITPModel(BaseTuner):
     """The MITP tuner: wraps the interaction layers of both towers and holds one `MemoryHub` per adapter.
 

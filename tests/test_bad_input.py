@@ -192,6 +192,19 @@ def test_truncated_weights_file_is_refused_naming_the_file(adapter_dir, tmp_path
         PeftModel.from_pretrained(_task(), broken)
 
 
+def test_an_adapter_whose_hub_has_no_gates_is_refused(adapter_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    old = _copy(adapter_dir, tmp_path)
+    weights = old / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    assert {"base_model.mitp_hub.text_gate", "base_model.mitp_hub.vision_gate"} <= set(tensors)
+    # A hub saved before the generated term was gated: peft alone would load it with a warning, gates left at zero.
+    save_file({k: v for k, v in tensors.items() if not k.endswith("_gate")}, weights, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=rf"{weights} holds a memory hub without \['text_gate', 'vision_gate'\].*again"):
+        PeftModel.from_pretrained(_task(), old)
+
+
 def test_a_config_of_another_peft_method_is_refused_by_mitp_and_by_peft(tmp_path, adapter_dir):
     lora = get_peft_model(_task(), LoraConfig(target_modules=["q_proj", "v_proj"], r=2))
     lora.save_pretrained(tmp_path / "lora")
