@@ -563,7 +563,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"{'/'.join(f'{x:.2f}' for x in machine['loadavg'])}, at end "
         f"{'/'.join(f'{x:.2f}' for x in results['loadavg_end'])}; Python {machine['python']}, torch "
         f"{machine['torch']}, transformers {machine['transformers']}, peft {machine['peft']}; {machine['date']}; "
-        f"wall time {results['wall_s'] / 60:.1f} min.",
+        f"wall time {results['wall_s'] / 60:.1f} min"
+        + (" (the merged runs' wall times added up; they overlapped)." if results.get("merged_from") else "."),
         *_merged_lines(results),
         "",
         f"### Accuracy and cost ({longest} steps)",
