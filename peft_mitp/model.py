@@ -215,7 +215,7 @@ def check_adapter_weights(
     return path
 
 
-HUB_GATES = ("text_gate", "vision_gate")
+_HUB_GATES = ("text_gate", "vision_gate")
 
 
 def check_hub_weights(path: str, interaction: bool) -> None:
@@ -238,7 +238,7 @@ def check_hub_weights(path: str, interaction: bool) -> None:
     with safe_open(path, framework="pt") as weights:
         keys = list(weights.keys())
     hub_keys = [key for key in keys if ".mitp_hub." in key]
-    missing = [gate for gate in HUB_GATES if not any(key.endswith(f"mitp_hub.{gate}") for key in hub_keys)]
+    missing = [gate for gate in _HUB_GATES if not any(key.endswith(f"mitp_hub.{gate}") for key in hub_keys)]
     if hub_keys and missing:
         raise ValueError(
             f"{path} holds a memory hub without {missing}: it was saved by a peft_mitp version from before the hub's "
