@@ -56,18 +56,12 @@ class Shape:
 
 def clip_vit_large_14() -> nn.Module:
     """CLIP ViT-L/14 (text 12 x 768, vision 24 x 1024, 224 px, 257 tokens) on the meta device."""
-    from transformers import CLIPConfig, CLIPModel
+    from transformers import CLIPModel
 
-    config = CLIPConfig(
-        text_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
-        vision_config=dict(
-            hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-            image_size=224, patch_size=14,
-        ),
-        projection_dim=768,
-    )
+    from benchmarks.gpu_clip_large import clip_config
+
     with META:
-        return CLIPModel(config)
+        return CLIPModel(clip_config(tiny=False))
 
 
 def bert_base_vit_b16() -> nn.Module:
