@@ -183,14 +183,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     from peft_mitp.offline_backbone import build_offline_backbone
 
-    info = harness.machine_info()
-    backbone = build_offline_backbone()
-    rows = sweep(backbone, QUICK if args.quick else FULL, args.repeats or (3 if args.quick else 5))
-    info_end = harness.machine_info()
+    with harness.torch_threads(args.threads):
+        info = harness.machine_info()
+        backbone = build_offline_backbone()
+        rows = sweep(backbone, QUICK if args.quick else FULL, args.repeats or (3 if args.quick else 5))
+        info_end = harness.machine_info()
     report = (
         f"Machine: {info['cpu']}, nproc {info['nproc']}, {info['torch_threads']} torch threads; load average at start "
         f"{'/'.join(f'{x:.2f}' for x in info['loadavg'])}, at end {'/'.join(f'{x:.2f}' for x in info_end['loadavg'])}; "

@@ -292,6 +292,22 @@ def evaluate(model: nn.Module, split: EncodedSplit, batch_size: int = 128) -> di
 
 
 # ---------------------------------------------------------------------------------------------------------------- time
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run the block with `threads` torch threads (None or 0: leave the count alone), then restore the old count.
+
+    Benchmarks called as functions (from tests or notebooks) must not leave the caller's process on another thread
+    count: results computed afterwards would round differently from those of a fresh process with the default count.
+    """
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def median_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 2) -> float:
     """Median wall-clock seconds of `fn()` over `repeats` calls, after `warmup` calls that are not timed."""
     for _ in range(warmup):

@@ -134,8 +134,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     if args.steps < 1:
         parser.error(f"--steps must be at least 1, got {args.steps}")
-    torch.set_num_threads(args.threads)
-    result = run(args.hub, args.steps, args.max_train, args.max_test, args.batch_size)
+    with harness.torch_threads(args.threads):
+        result = run(args.hub, args.steps, args.max_train, args.max_test, args.batch_size)
     report = markdown(result)
     print(report)
     if args.output:

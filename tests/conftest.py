@@ -74,14 +74,29 @@ def make_model(config: peft_mitp.MITPConfig | None = None, num_labels: int = 5, 
 
 
 def run_python(code: str, cwd: Path, env: dict[str, str] | None = None, timeout: int = 240) -> str:
-    """Run `code` in a fresh Python process (a new interpreter: nothing shared with the test process)."""
-    full_env = {**os.environ, **(env or {})}
+    """Run `code` in a fresh Python process (a new interpreter: nothing shared with the test process).
+
+    The child gets the test process's torch thread count: float sums split over another number of threads round
+    differently, and the fresh-process tests compare logits bit for bit.
+    """
+    full_env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), **(env or {})}
     proc = subprocess.run(
         [sys.executable, "-c", code], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
     )
     if proc.returncode != 0:
         raise AssertionError(f"subprocess failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc.stdout
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_unchanged():
+    """Fail a test that leaves torch on another thread count: later bit-for-bit comparisons depend on it."""
+    before = torch.get_num_threads()
+    yield
+    after = torch.get_num_threads()
+    if after != before:
+        torch.set_num_threads(before)
+        pytest.fail(f"the test changed torch's thread count from {before} to {after} and did not restore it")
 
 
 @pytest.fixture
