@@ -74,7 +74,7 @@ class TrainOptions:
     memory: bool = True
     epochs: float = 1.0
     batch_size: int = 32
-    learning_rate: float = 3e-3
+    learning_rate: float = 1e-2
     weight_decay: float = 0.0
     warmup_ratio: float = 0.05
     max_steps: int = -1
