@@ -396,3 +396,14 @@ def test_hub_scale_logs_the_generated_term_of_both_hub_designs(tmp_path):
     # fraction of it (its gates moved by about two learning-rate steps).
     last = {hub: r["records"][-1] for hub, r in results.items()}
     assert last["before-fix"]["generated_vision"] > 10 * last["shipped"]["generated_vision"] > 0
+
+
+def test_torch_threads_sets_the_count_inside_and_restores_it_after_an_error():
+    before = torch.get_num_threads()
+    inside = 1 if before != 1 else 2
+    with pytest.raises(RuntimeError, match="inside"), harness.torch_threads(inside):
+        assert torch.get_num_threads() == inside
+        raise RuntimeError("inside")
+    assert torch.get_num_threads() == before
+    with harness.torch_threads(None):  # None leaves the count alone
+        assert torch.get_num_threads() == before
