@@ -48,7 +48,7 @@ The design variants (stem stage, image size, vision transformer layers, patch pr
 on frozen pooled features, and forward time per batch). What the default backbone gives in practice is measured
 side by side in ``docs/benchmarks.md``: on 7,200 training and 1,000 test questions, a linear probe on its frozen
 pooled features reaches 74.3% test accuracy after 400 steps of 32 (majority answer 39.9%), the default MITP adapter
-83.7% and full fine-tuning 86.4%; ``docs/cli.md`` records the offline default job.
+85.9% and full fine-tuning 86.4%; ``docs/cli.md`` records the offline default job.
 """
 
 from __future__ import annotations
