@@ -113,8 +113,9 @@ class MITPLayer(nn.Module, BaseTunerLayer):
 
         pair = self.mitp_pair[adapter]
         carry = tower.request_prompts(pair)
-        if pair == 0:
-            # Nothing below the first interaction layer is trainable: never let gradient flow there.
+        if pair == 0 and tower.frozen_below:
+            # Nothing below the first interaction layer is trainable: never let gradient flow there (the input may
+            # still require grad, e.g. after `enable_input_require_grads`).
             hidden_states = hidden_states.detach()
         prompts = self.mitp_prompt[adapter]
         prompts = prompts.unsqueeze(0).expand(hidden_states.shape[0], -1, -1)

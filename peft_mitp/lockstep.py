@@ -8,12 +8,17 @@ both read-outs of a pair are in.
 
 All per-forward state lives in `run_lockstep`'s local variables, so concurrent forwards in different threads do not
 see each other. Greenlets share one OS thread, so grad mode and autocast are the same in both towers.
+
+A tower whose weights below its first interaction layer are all frozen runs those layers without autograd (the
+interaction layer turns the caller's grad mode back on); a tower with anything trainable there (LoRA, IA3, full
+fine-tuning, a trainable embedding) runs in the caller's grad mode throughout, so gradient reaches those weights.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,20 +55,24 @@ class _Tower(greenlet.greenlet):
         grad_enabled: bool,
         attn_implementation: str | None,
         token_arguments: tuple[TokenArgument, ...] = (),
+        frozen_below: bool = True,
     ) -> None:
         super().__init__(run=self._body)
         self.name = name
         self.fn = fn
         self.grad_enabled = grad_enabled
+        # True: nothing below the tower's first interaction layer is trainable, so those layers run without autograd
+        # and the first interaction layer cuts the graph at its input.
+        self.frozen_below = frozen_below
         # What the tower's interaction layers need to extend their inputs by the prompts: the attention implementation
         # (mask format) and the per-token call arguments besides the mask (rotary embeddings, pairwise biases).
         self.attn_implementation = attn_implementation
         self.token_arguments = token_arguments
 
     def _body(self, *_: Any) -> Any:
-        # Extraction layers below the first interaction layer run without autograd (nothing below it is trainable);
-        # the first interaction layer turns the caller's grad mode back on (see `request_prompts`).
-        with torch.no_grad():
+        # With a frozen lower part, extraction layers below the first interaction layer run without autograd; the
+        # first interaction layer turns the caller's grad mode back on (see `request_prompts`).
+        with torch.no_grad() if self.frozen_below else nullcontext():
             return self.fn()
 
     def request_prompts(self, pair: int) -> torch.Tensor | None:
@@ -131,6 +140,7 @@ def run_lockstep(
     attn_implementations: dict[str, str | None] | None = None,
     presence: ModalityPresence | None = None,
     token_arguments: dict[str, tuple[TokenArgument, ...]] | None = None,
+    frozen_below: Collection[str] = TOWERS,
 ) -> LockstepResult:
     """Run `text_fn` and `vision_fn` (the stock tower forwards) in lock-step with the memory hub between them.
 
@@ -151,6 +161,10 @@ def run_lockstep(
         presence: which samples each tower runs (its inputs hold exactly those rows); None: all samples, both towers.
         token_arguments: per tower, the per-token call arguments of its layers besides the attention mask
             (`ResolvedTower.token_arguments`), which the interaction layers extend by the prompts.
+        frozen_below: the towers with nothing trainable below their first interaction layer: they run those layers
+            without autograd. Default: both (a frozen backbone). Leave out a tower whose lower weights train (LoRA,
+            IA3, full fine-tuning), or it gets no gradient: `MITPForImageTextClassification` derives this from its
+            parameters on every forward.
 
     Returns:
         `LockstepResult`.
@@ -162,7 +176,7 @@ def run_lockstep(
     if None in fns.values() and presence is None:
         raise ValueError("A tower without a feature function needs `presence` (which samples lack its modality).")
     towers = {
-        name: _Tower(name, fn, grad_enabled, impls.get(name), per_token.get(name, ()))
+        name: _Tower(name, fn, grad_enabled, impls.get(name), per_token.get(name, ()), name in frozen_below)
         for name, fn in fns.items()
         if fn is not None
     }

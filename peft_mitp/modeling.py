@@ -23,6 +23,7 @@ from .families import (
     tower_layers_path,
 )
 from .hub import HubOutput, ModalityPresence
+from .layer import MITPLayer
 from .lockstep import run_lockstep
 
 PROBLEM_TYPES = ("single_label_classification", "multi_label_classification")
@@ -578,6 +579,29 @@ class MITPForImageTextClassification(PreTrainedModel):
             routed[tower] = tower_inputs if count else None
         return routed, ModalityPresence.from_masks(present["text"], present["vision"])
 
+    def _frozen_towers(self, towers: dict[str, ResolvedTower]) -> list[str]:
+        """The towers whose feature function uses no trainable weight except MITP's prompts.
+
+        Only those may run their layers below the first interaction layer without autograd. Anything else trainable
+        in a tower (LoRA, IA3, full fine-tuning, a trainable embedding or projection) needs autograd from the
+        embeddings up. Read on every forward: `requires_grad` can change between steps.
+        """
+        prompts = {
+            id(p) for m in self.backbone.modules() if isinstance(m, MITPLayer) for p in m.mitp_prompt.parameters()
+        }
+        trainable = {id(p) for p in self.backbone.parameters() if p.requires_grad and id(p) not in prompts}
+        if not trainable:
+            return list(towers)
+        own = {kind: {id(p) for p in tower.module.parameters()} for kind, tower in towers.items()}
+        frozen = []
+        for kind in towers:
+            # What the tower's feature function may use: everything but the other tower's own weights (the
+            # projections and any shared module count for both towers).
+            others = set().union(*(ids for other, ids in own.items() if other != kind)) - own[kind]
+            if not trainable - others:
+                frozen.append(kind)
+        return frozen
+
     def pooled_features(self, **inputs: Any) -> tuple[torch.Tensor, torch.Tensor, list[HubOutput]]:
         """Run both towers in lock-step and return (text features, image features, hub outputs per pair).
 
@@ -601,6 +625,7 @@ class MITPForImageTextClassification(PreTrainedModel):
             attn_implementations={k: t.attn_implementation for k, t in towers.items()},
             presence=presence,
             token_arguments={k: t.token_arguments for k, t in towers.items()},
+            frozen_below=self._frozen_towers(towers),
         )
         text, image = result.text, result.vision
         if result.presence is not None:
