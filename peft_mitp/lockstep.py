@@ -16,6 +16,7 @@ fine-tuning, a trainable embedding) runs in the caller's grad mode throughout, s
 
 from __future__ import annotations
 
+import contextvars
 from collections import deque
 from collections.abc import Callable, Collection
 from contextlib import nullcontext
@@ -58,6 +59,9 @@ class _Tower(greenlet.greenlet):
         frozen_below: bool = True,
     ) -> None:
         super().__init__(run=self._body)
+        # A new greenlet starts in an empty contextvars context: give it a copy of the caller's, so context-local
+        # settings (torch config patches, any library's ContextVars) reach the tower as they would without lock-step.
+        self.gr_context = contextvars.copy_context()
         self.name = name
         self.fn = fn
         self.grad_enabled = grad_enabled

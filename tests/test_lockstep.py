@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextvars
+
 import greenlet
 import pytest
 import torch
@@ -276,3 +278,28 @@ def test_generated_term_stays_at_the_scale_of_the_readout_however_large_the_maps
     hub(text, vision).text_prompts.sum().backward()
     assert hub.text_gate.grad.abs().sum() > 0
     assert hub.text_out.weight.grad.abs().sum() == 0
+
+
+_SETTING: contextvars.ContextVar[str] = contextvars.ContextVar("_SETTING", default="unset")
+
+
+def test_towers_see_the_callers_context_variables(inputs):
+    model = make_model()
+    task = model.base_model.model
+    seen = {}
+    for kind, layers in (
+        ("text", task.backbone.text_model.encoder.layers),
+        ("vision", task.backbone.vision_model.encoder.layers),
+    ):
+        for index in (0, len(layers) - 1):  # below the interaction layers, and an interaction layer
+            layers[index].register_forward_hook(
+                lambda m, a, out, key=(kind, index): seen.__setitem__(key, _SETTING.get())
+            )
+    token = _SETTING.set("from the caller")
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        _SETTING.reset(token)
+    assert len(seen) == 4 and set(seen.values()) == {"from the caller"}
+    assert _SETTING.get() == "unset"
