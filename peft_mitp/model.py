@@ -435,6 +435,13 @@ class MITPModel(BaseTuner):
         if adapter_name in self.mitp_hub:
             del self.mitp_hub[adapter_name]
         self._mitp_targets.pop(adapter_name, None)
+        # Deleting the active adapter makes peft's layers activate the next one and its prompts trainable: its hub
+        # must follow its prompts, or the hub would stay frozen beside trainable prompts.
+        for name, hub in self.mitp_hub.items():
+            prompts = [
+                m.mitp_prompt[name] for m in self.model.modules() if isinstance(m, MITPLayer) and name in m.mitp_prompt
+            ]
+            hub.requires_grad_(name in self.active_adapters and any(p.requires_grad for p in prompts))
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)

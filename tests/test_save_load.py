@@ -134,6 +134,26 @@ def test_set_adapter_moves_trainability_to_the_new_adapters_hub():
         model.base_model.set_adapter(["default", "second"])
 
 
+def test_deleting_the_active_adapter_makes_the_next_ones_prompts_hub_and_head_trainable_together(inputs):
+    model = _trained(steps=0)
+    model.add_adapter("second", MITPConfig(**CONFIG))
+    model.delete_adapter("default")
+    assert model.active_adapter == "second"
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".second" in n for n in trainable)
+    hub = {n for n in trainable if ".mitp_hub.second." in n}
+    assert hub == {f"base_model.mitp_hub.second.{n}" for n, _ in model.base_model.mitp_hub["second"].named_parameters()}
+    assert any("mitp_prompt.second" in n for n in trainable) and any("classifier" in n for n in trainable)
+    # and all of them train: two steps move every trainable tensor (the hub's maps get gradient from the second on)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if n in trainable}
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):
+        model(**inputs, labels=torch.tensor([0, 1, 2, 3])).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert {n for n, p in model.named_parameters() if n in trainable and not torch.equal(p, before[n])} == trainable
+
+
 def test_unload_returns_the_task_model_with_the_trained_head(inputs):
     model = _trained()
     trained_head = model.base_model.model.classifier.modules_to_save["default"].weight.detach().clone()
