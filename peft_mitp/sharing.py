@@ -15,9 +15,11 @@ A subclass of `PeftModel` would not do: `get_peft_model` and `PeftModel.from_pre
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import os
 import tempfile
+import warnings
 import weakref
 from collections.abc import Mapping
 from pathlib import Path
@@ -320,6 +322,42 @@ def load_adapter_model(
 
 
 # ---------------------------------------------------------------------------------------------------- hooks
+# Keywords of transformers' `push_to_hub` (4.x and 5.x) and of the `save_pretrained` it calls that shape how files are
+# written, not what is uploaded: an adapter is a few MB (never sharded), always safetensors, always staged in a
+# temporary folder. They are accepted and have nothing to do.
+_SAVE_ONLY_PUSH_KEYWORDS = ("max_shard_size", "safe_serialization", "use_temp_dir")
+_PUSH_ONLY_MITP_KEYWORDS = ("training_info", "dtype")
+SAFETENSORS_ONLY = (
+    "MITP adapters are always saved as safetensors (MITP loads nothing else; docs/reliability.md): "
+    "`safe_serialization=False` is ignored."
+)
+
+
+def _push_arguments(signature: inspect.Signature, model: PeftModel, args: tuple, kwargs: dict[str, Any]) -> dict:
+    """Map a `push_to_hub` call, in any form transformers' signature accepts, to `push_adapter_to_hub`'s keywords.
+
+    Binds the call against the wrapped `push_to_hub`'s own signature (so positional arguments land on the parameter
+    they name, and a call transformers would refuse is refused with the same `TypeError`), drops the keywords that only
+    shape saving (`_SAVE_ONLY_PUSH_KEYWORDS`, warning on `safe_serialization=False`) and keeps MITP's own
+    `training_info=` and `dtype=`.
+    """
+    kwargs = dict(kwargs)
+    own = {k: kwargs.pop(k) for k in _PUSH_ONLY_MITP_KEYWORDS if k in kwargs}
+    ignored = {k: kwargs.pop(k) for k in _SAVE_ONLY_PUSH_KEYWORDS if k in kwargs and k not in signature.parameters}
+    arguments = dict(signature.bind(model, *args, **kwargs).arguments)
+    for index, (name, parameter) in enumerate(signature.parameters.items()):
+        if index == 0:
+            arguments.pop(name, None)  # the model
+        elif parameter.kind is inspect.Parameter.VAR_KEYWORD:
+            arguments.update(arguments.pop(name, {}))
+        elif parameter.kind is inspect.Parameter.VAR_POSITIONAL and arguments.pop(name, ()):
+            raise TypeError(f"push_to_hub() got extra positional arguments: {args}.")
+    ignored.update({k: arguments.pop(k) for k in _SAVE_ONLY_PUSH_KEYWORDS if k in arguments})
+    if ignored.get("safe_serialization") is False:
+        warnings.warn(SAFETENSORS_ONLY, UserWarning, stacklevel=3)
+    return {**arguments, **own}
+
+
 def install_hooks() -> None:
     """Make `PeftModel.save_pretrained` / `push_to_hub` write the MITP model card for MITP adapters (idempotent).
 
@@ -340,12 +378,13 @@ def install_hooks() -> None:
             _TRAINING_INFO[self] = info
         write_model_card(self, output_dir, info or _TRAINING_INFO.get(self))
 
+    push_signature = inspect.signature(transformers_push)
+
     @functools.wraps(transformers_push)
-    def push_to_hub(self: PeftModel, repo_id: str, *args: Any, **kwargs: Any) -> Any:
-        if not is_mitp_model(self) or args:
-            return transformers_push(self, repo_id, *args, **kwargs)
-        kwargs.pop("max_shard_size", None)  # adapters are a few MB: never sharded
-        return push_adapter_to_hub(self, repo_id, **kwargs)
+    def push_to_hub(self: PeftModel, *args: Any, **kwargs: Any) -> Any:
+        if not is_mitp_model(self):
+            return transformers_push(self, *args, **kwargs)
+        return push_adapter_to_hub(self, **_push_arguments(push_signature, self, args, kwargs))
 
     create_or_update_model_card._mitp_hook = True  # type: ignore[attr-defined]
     push_to_hub.__doc__ = (

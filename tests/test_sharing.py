@@ -229,6 +229,56 @@ def test_push_without_a_token_is_refused_with_a_clear_message(pushed, tmp_path, 
         pushed.hub.files(f"{USER}/mitp-anonymous")
 
 
+def test_push_to_hub_takes_every_form_of_its_arguments_and_always_uploads_the_mitp_card(tmp_path):
+    import inspect
+
+    from transformers.utils.hub import PushToHubMixin
+
+    model = get_peft_model(MITPForImageTextClassification.from_backbone(tiny_clip(), num_labels=3), MITPConfig(**SMALL))
+    # One valid value for every keyword of transformers' `push_to_hub` (the LocalHub has no branches: revision=None).
+    keywords = {
+        "commit_message": "Upload with a message",
+        "commit_description": "why",
+        "private": False,
+        "token": TOKEN,
+        "revision": None,
+        "create_pr": False,
+        "max_shard_size": "1GB",
+        "tags": ["my-tag"],
+    }
+    assert set(inspect.signature(PushToHubMixin.push_to_hub).parameters) - {"self", "repo_id"} <= set(keywords)
+    forms = {
+        "positional": ((f"{USER}/positional",), {}),
+        "repo-id-keyword": ((), {"repo_id": f"{USER}/repo-id-keyword"}),
+        "all-keywords": ((f"{USER}/all-keywords",), keywords),
+        "safe-serialization": ((f"{USER}/safe-serialization",), {"safe_serialization": True}),
+        "unsafe-serialization": ((f"{USER}/unsafe-serialization",), {"safe_serialization": False}),
+        "mitp-extras": ((f"{USER}/mitp-extras",), {"dtype": torch.bfloat16, "training_info": {"epochs": 1}}),
+    }
+    with LocalHub(tmp_path / "hub", tokens={TOKEN: USER}) as hub, pytest.MonkeyPatch.context() as mp:
+        configure_client(mp, hub.endpoint, tmp_path / "hf_home", token=TOKEN)
+        for name, (args, kwargs) in forms.items():
+            if name == "unsafe-serialization":
+                with pytest.warns(UserWarning, match="always saved as safetensors"):
+                    model.push_to_hub(*args, **kwargs)
+            else:
+                model.push_to_hub(*args, **kwargs)
+            repo = f"{USER}/{name}"
+            files = hub.files(repo)
+            assert "adapter_model.safetensors" in files and "adapter_model.bin" not in files, name
+            card = hub.read_file(repo, "README.md").decode()
+            assert "## MITP configuration" in card, name
+        assert "my-tag" in _front_matter(hub.read_file(f"{USER}/all-keywords", "README.md").decode())["tags"]
+        repo = hub._get_repo("model", f"{USER}/all-keywords")
+        assert repo.resolve("main").message.startswith("Upload with a message")
+        assert load(hub.read_file(f"{USER}/mitp-extras", "adapter_model.safetensors"))[
+            next(iter(get_peft_model_state_dict(model)))
+        ].dtype == torch.bfloat16
+        # A call transformers' own `push_to_hub` refuses is refused the same way.
+        with pytest.raises(TypeError, match="unexpected keyword argument 'not_a_keyword'"):
+            model.push_to_hub(f"{USER}/refused", not_a_keyword=1)
+
+
 # ---------------------------------------------------------------------------------------------------- the card
 def test_save_pretrained_writes_the_mitp_card_with_configuration_size_and_training(tmp_path):
     MITPForImageTextClassification.from_backbone(tiny_clip(), id2label=LABELS).save_pretrained(tmp_path / "base")
