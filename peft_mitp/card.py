@@ -148,7 +148,9 @@ def _configuration_lines(config: MITPConfig) -> list[str]:
         f"{config.vision_prompts} per vision interaction layer, initialised from N(0, {config.prompt_init_std}^2).",
         f"- **Memory hub**: a shared space of width {config.hub_dim} (the mapping connection between the towers, "
         f"shared by all interaction pairs); similarity: {similarity}, temperature {config.effective_temperature:g}; "
-        f"activation: {activation}.",
+        f"activation: {activation}."
+        if len(config.text_layers or []) != 1
+        else "- **Memory hub**: none (one interaction pair: no read-out is carried to a next pair).",
         "- **Ablation switches**: interaction "
         + _switch(config.interaction, "each tower's next prompts take in the other modality", "no cross-modal term")
         + "; memory "

@@ -319,6 +319,9 @@ class MITPModel(BaseTuner):
             self.mitp_hub = nn.ModuleDict()
         param = next(model.parameters())
         ctx = torch.device("meta") if low_cpu_mem_usage else nullcontext()
+        # With one pair no read-out feeds a next pair, so the hub's maps and gates would never run (and never get a
+        # gradient, which DDP without `find_unused_parameters` refuses): the hub then has none.
+        interaction = config.interaction and len(text_layers) > 1
         with ctx:
             stand_ins = None
             if config.missing_modality:  # docs/reliability.md, "Missing modalities"
@@ -331,7 +334,7 @@ class MITPModel(BaseTuner):
                     text_feature_dim=text_feature_dim,
                     vision_feature_dim=vision_feature_dim,
                     # Only read-outs of pairs that feed a next pair reach the hub, and only across an interaction.
-                    readout_pairs=len(text_layers) - 1 if config.interaction else 0,
+                    readout_pairs=len(text_layers) - 1 if interaction else 0,
                 )
             hub = MemoryHub(
                 text.width,
@@ -340,7 +343,7 @@ class MITPModel(BaseTuner):
                 similarity=config.similarity,
                 temperature=config.effective_temperature,
                 activation=config.activation,
-                interaction=config.interaction,
+                interaction=interaction,
                 memory=config.memory,
                 stand_ins=stand_ins,
                 modality_dropout=config.modality_dropout,

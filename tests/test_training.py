@@ -68,6 +68,21 @@ def test_no_gradient_below_the_first_interaction_layer(inputs):
     assert all(p.grad is None for n, p in model.named_parameters() if "mitp_" not in n and "classifier" not in n)
 
 
+@pytest.mark.parametrize("pairs", [1, 2, 3])
+def test_every_trainable_tensor_gets_a_gradient_in_one_step(pairs, inputs):
+    # DDP without `find_unused_parameters` fails on a trainable tensor that takes no part in the loss.
+    model = make_model(peft_mitp.MITPConfig(prompt_length=4, num_interaction_layers=pairs, hub_dim=16)).train()
+    model(**inputs, labels=torch.tensor([0, 1, 2, 3])).loss.backward()
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert sum("mitp_prompt" in n for n in trainable) == 2 * pairs
+    assert [n for n, p in trainable.items() if p.grad is None] == []
+    hub = model.base_model.mitp_hub["default"]
+    if pairs == 1:  # one pair: no read-out feeds a next pair, so the hub has no maps
+        assert sum(p.numel() for p in hub.parameters()) == 0
+    else:
+        assert any("mitp_hub.default.text_in" in n for n in trainable)
+
+
 CONFIGS = [
     {"similarity": "scaled_dot"},
     {"similarity": "cosine"},
