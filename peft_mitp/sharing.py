@@ -2,11 +2,13 @@
 
 peft has no hook for a method's model card, and `PeftModel.push_to_hub` is transformers' `PushToHubMixin.push_to_hub`,
 which saves into a temporary folder and then overwrites README.md with the card already on the Hub or a generic
-transformers template. `install_hooks` (run by `import peft_mitp`) therefore wraps two `PeftModel` methods, and only
+transformers template. `install_hooks` (run by `import peft_mitp`) therefore wraps three `PeftModel` methods, and only
 for models whose adapters are MITP adapters; every other model goes to peft's own code unchanged:
 
 - `create_or_update_model_card` (called by `save_pretrained` and by `Trainer.create_model_card`) writes the MITP card
   (`peft_mitp.card.write_model_card`) instead of peft's template;
+- `save_pretrained` writes safetensors even when asked for `safe_serialization=False` (with a warning): peft would
+  write a pickled `adapter_model.bin`, which MITP's loading refuses;
 - `push_to_hub` becomes `push_adapter_to_hub`: save, write the card, upload with `huggingface_hub`.
 
 A subclass of `PeftModel` would not do: `get_peft_model` and `PeftModel.from_pretrained` return plain `PeftModel`s.
@@ -361,8 +363,9 @@ def _push_arguments(signature: inspect.Signature, model: PeftModel, args: tuple,
 def install_hooks() -> None:
     """Make `PeftModel.save_pretrained` / `push_to_hub` write the MITP model card for MITP adapters (idempotent).
 
-    Wraps `PeftModel.create_or_update_model_card` and `PeftModel.push_to_hub`; models without MITP adapters keep
-    peft's and transformers' behaviour. `import peft_mitp` calls this.
+    Wraps `PeftModel.create_or_update_model_card`, `PeftModel.save_pretrained` (MITP adapters are always written as
+    safetensors, the only format MITP loads; `safe_serialization=False` warns) and `PeftModel.push_to_hub`; models
+    without MITP adapters keep peft's and transformers' behaviour. `import peft_mitp` calls this.
     """
     if getattr(PeftModel.create_or_update_model_card, "_mitp_hook", False):
         return
@@ -378,7 +381,20 @@ def install_hooks() -> None:
             _TRAINING_INFO[self] = info
         write_model_card(self, output_dir, info or _TRAINING_INFO.get(self))
 
+    peft_save = PeftModel.save_pretrained
+    save_signature = inspect.signature(peft_save)
     push_signature = inspect.signature(transformers_push)
+
+    @functools.wraps(peft_save)
+    def save_pretrained(self: PeftModel, *args: Any, **kwargs: Any) -> Any:
+        if is_mitp_model(self):
+            # peft would write a pickled adapter_model.bin, which MITP's loading refuses: write safetensors anyway.
+            bound = save_signature.bind(self, *args, **kwargs)
+            if bound.arguments.get("safe_serialization", True) is False:
+                warnings.warn(SAFETENSORS_ONLY, UserWarning, stacklevel=2)
+                bound.arguments["safe_serialization"] = True
+                args, kwargs = bound.args[1:], bound.kwargs
+        return peft_save(self, *args, **kwargs)
 
     @functools.wraps(transformers_push)
     def push_to_hub(self: PeftModel, *args: Any, **kwargs: Any) -> Any:
@@ -393,4 +409,5 @@ def install_hooks() -> None:
         + (transformers_push.__doc__ or "")
     )
     PeftModel.create_or_update_model_card = create_or_update_model_card
+    PeftModel.save_pretrained = save_pretrained
     PeftModel.push_to_hub = push_to_hub

@@ -121,6 +121,24 @@ def test_second_adapter_from_the_same_file_keeps_the_first_hub_intact(tmp_path):
     assert "other" not in first.base_model.mitp_hub
 
 
+@pytest.mark.parametrize("form", ["keyword", "positional"])
+def test_save_pretrained_without_safe_serialization_still_writes_safetensors_that_load(tmp_path, form):
+    model = _trained(steps=1)
+    model.add_adapter("second", MITPConfig(**CONFIG))
+    with pytest.warns(UserWarning, match="always saved as safetensors"):
+        if form == "keyword":
+            model.save_pretrained(tmp_path, safe_serialization=False)
+        else:
+            model.save_pretrained(tmp_path, False)
+    for folder in (tmp_path, tmp_path / "second"):
+        assert (folder / "adapter_model.safetensors").is_file() and not (folder / "adapter_model.bin").exists()
+    base = MITPForImageTextClassification.from_backbone(tiny_clip(), num_labels=5)
+    loaded = PeftModel.from_pretrained(base, tmp_path).eval()
+    inputs = clip_inputs(seed=99)
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs).logits, model(**inputs).logits)
+
+
 def test_set_adapter_moves_trainability_to_the_new_adapters_hub():
     model = _trained(steps=0)
     model.add_adapter("second", MITPConfig(**CONFIG))
