@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Sequence
-from contextlib import nullcontext, suppress
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext, suppress
 from typing import Any
 
 import torch
@@ -462,6 +462,24 @@ class MITPModel(BaseTuner):
                     copy = module.modules_to_save[adapter_name]
                     if reference is not None and any(p.dtype != reference.dtype for p in copy.parameters()):
                         copy.to(reference.dtype)
+
+    # ------------------------------------------------------------------ forward
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
+        """Refuse peft's per-sample forward arguments, which MITP cannot honour (`PeftModel.forward` drops them).
+
+        Raises:
+            ValueError: `adapter_names` (mixed-adapter batches) or `alora_offsets` (aLoRA only) is given.
+        """
+        if kwargs.get("adapter_names") is not None:
+            raise ValueError(
+                "MITP does not support mixed-adapter batches: `adapter_names` cannot be passed to the forward of a "
+                "model with MITP adapters (one adapter runs per forward, as the lock-step shares one memory hub across "
+                "the batch). Split the batch by adapter and call `model.set_adapter(name)` before each part."
+            )
+        if kwargs.get("alora_offsets") is not None:
+            raise ValueError("`alora_offsets` applies to aLoRA adapters only, not to MITP adapters.")
+        yield
 
     # ------------------------------------------------------------------ merging / unloading
     def _check_merge_allowed(self) -> None:
