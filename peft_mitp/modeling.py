@@ -404,6 +404,17 @@ class MITPForImageTextClassification(PreTrainedModel):
             )
         return towers
 
+    def get_input_embeddings(self) -> nn.Module:
+        """The text tower's input (token) embeddings, as `get_input_embeddings` of the text tower returns them.
+
+        peft's `save_embedding_layers=True` and its preparation helpers (`enable_input_require_grads`, ...) call this.
+        """
+        return self.mitp_towers()["text"].module.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        """Replace the text tower's input (token) embeddings."""
+        self.mitp_towers()["text"].module.set_input_embeddings(value)
+
     def mitp_feature_dims(self) -> tuple[int, int]:
         """Widths of the pooled (text, image) features the head reads (used by `MITPModel` for the stand-ins)."""
         return self.family.feature_dims(self.backbone.config)

@@ -139,6 +139,23 @@ def test_save_pretrained_without_safe_serialization_still_writes_safetensors_tha
         assert torch.equal(loaded(**inputs).logits, model(**inputs).logits)
 
 
+def test_input_embeddings_are_the_text_towers_and_save_embedding_layers_saves_and_loads_them(tmp_path):
+    model = _trained(steps=1)
+    task = model.base_model.model
+    embeddings = task.backbone.text_model.embeddings.token_embedding
+    assert task.get_input_embeddings() is embeddings and model.get_input_embeddings() is embeddings
+    with torch.no_grad():
+        embeddings.weight.mul_(2.0)  # as if trained along
+    model.save_pretrained(tmp_path, save_embedding_layers=True)
+    assert any("token_embedding" in key for key in load_file(tmp_path / "adapter_model.safetensors"))
+    base = MITPForImageTextClassification.from_backbone(tiny_clip(), num_labels=5)
+    loaded = PeftModel.from_pretrained(base, tmp_path).eval()
+    assert torch.equal(loaded.get_input_embeddings().weight, embeddings.weight)
+    inputs = clip_inputs(seed=99)
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs).logits, model(**inputs).logits)
+
+
 def test_set_adapter_moves_trainability_to_the_new_adapters_hub():
     model = _trained(steps=0)
     model.add_adapter("second", MITPConfig(**CONFIG))
