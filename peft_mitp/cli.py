@@ -160,7 +160,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 def _cmd_explain(args: argparse.Namespace) -> int:
     import torch
 
-    from .plots import plot_activations
+    from .plots import drawable_activations, plot_activations
     from .training import ImageTextCollator, load_trained
 
     model, processor, info = load_trained(args.adapter)
@@ -169,6 +169,11 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     with torch.no_grad():
         out = model(**batch, output_hub_activations=True)
     label = info["label_names"][int(out.logits.argmax(-1))]
+    if not drawable_activations(out.attentions):
+        raise SystemExit(
+            f"error: prediction: {label}; but this adapter has no hub activation maps to draw (it was trained without "
+            "interaction, or with one interaction pair)"
+        )
     path = plot_activations(out.attentions, args.output, title=f"{args.text} -> {label}")
     print(f"prediction: {label}; hub activation maps written to {path}")
     return 0

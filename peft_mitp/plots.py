@@ -53,6 +53,21 @@ def plot_training_curves(log_history: Sequence[dict], path: str | Path) -> Path:
     return path
 
 
+def drawable_activations(
+    activations: Sequence[tuple[torch.Tensor | None, torch.Tensor | None]] | None,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The pairs of `output.attentions` that have activation maps (none without interaction: `interaction=False`).
+
+    Args:
+        activations: `output.attentions` of a forward with `output_hub_activations=True` (None or empty without pairs
+            that feed a next pair).
+
+    Returns:
+        The (text, vision) activation pairs that can be drawn, in pair order; empty when there is nothing to draw.
+    """
+    return [(t, v) for t, v in activations or () if t is not None and v is not None]
+
+
 def plot_activations(
     activations: Sequence[tuple[torch.Tensor, torch.Tensor]], path: str | Path, sample: int = 0, title: str | None = None
 ) -> Path:
@@ -69,10 +84,17 @@ def plot_activations(
 
     Returns:
         The path written.
+
+    Raises:
+        ValueError: there is nothing to draw (see `drawable_activations`).
     """
     plt = _pyplot()
+    activations = drawable_activations(activations)
     if not activations:
-        raise ValueError("No hub activations to plot: the adapter has fewer than two interaction pairs or no interaction.")
+        raise ValueError(
+            "No hub activations to plot: the adapter has fewer than two interaction pairs or no interaction "
+            "(`interaction=False`, `mitp train --no-interaction`)."
+        )
     pairs = len(activations)
     fig, axes = plt.subplots(pairs, 2, figsize=(8, 3.2 * pairs), squeeze=False)
     for k, (text_act, vision_act) in enumerate(activations):

@@ -323,7 +323,7 @@ def _per_group_accuracy(predictions: Any, labels: Any, groups: list[str]) -> dic
 
 
 def _write_plots(log_history: list[dict], model: Any, eval_data: Dataset, processor: Any, multi_label: bool, output: Path) -> None:
-    from .plots import plot_activations, plot_training_curves
+    from .plots import drawable_activations, plot_activations, plot_training_curves
 
     plot_training_curves(log_history, output / "training_curves.png")
     row = eval_data[0]
@@ -332,8 +332,14 @@ def _write_plots(log_history: list[dict], model: Any, eval_data: Dataset, proces
     model.eval()
     with torch.no_grad():
         out = model(**batch, output_hub_activations=True)
-    if out.attentions:
-        plot_activations(out.attentions, output / "hub_activations.png", title=row["text"])
+    activations = drawable_activations(out.attentions)
+    if not activations:
+        logger.info(
+            "No hub activation plot: the adapter has no cross-modal term to draw (interaction off, or one interaction "
+            "pair)."
+        )
+        return
+    plot_activations(activations, output / "hub_activations.png", title=row["text"])
 
 
 # ---------------------------------------------------------------------------------------------------- loading back

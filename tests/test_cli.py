@@ -77,6 +77,40 @@ def test_evaluate_predict_and_explain_read_the_adapter_back(trained, tmp_path, c
     assert plot.read_bytes()[:4] == b"\x89PNG"
 
 
+ABLATIONS = {
+    "no-interaction": ["--no-interaction"],
+    "no-memory": ["--no-memory"],
+    "no-interaction-no-memory": ["--no-interaction", "--no-memory"],
+    "hard-activation": ["--activation", "hard"],
+    "scaled-dot": ["--similarity", "scaled_dot"],
+    "cosine": ["--similarity", "cosine"],
+    "dot": ["--similarity", "dot"],
+    "one-pair": ["--num-interaction-layers", "1"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags", ABLATIONS.values(), ids=ABLATIONS.keys())
+def test_every_ablation_flag_trains_to_the_end(flags, tmp_path):
+    out = tmp_path / "run"
+    code = main(["train", *flags, "--max-steps", "2", "--max-train-samples", "64", "--max-eval-samples", "32",
+                 "--batch-size", "16", "--prompt-length", "4", "--output-dir", str(out)])
+    assert code == 0
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["interaction"] == ("--no-interaction" not in flags)
+    assert config["memory"] == ("--no-memory" not in flags)
+    assert 0.0 <= json.loads((out / "metrics.json").read_text())["test_accuracy"] <= 1.0
+    assert (out / "training_curves.png").read_bytes()[:4] == b"\x89PNG"
+    # The activation maps exist only where the hub has a cross-modal term between two pairs.
+    drawn = "--no-interaction" not in flags and "--num-interaction-layers" not in flags
+    assert (out / "hub_activations.png").exists() == drawn
+    if not drawn:
+        image = tmp_path / "shape.png"
+        Image.new("RGB", (64, 64), (255, 0, 0)).save(image)
+        with pytest.raises(SystemExit, match="no hub activation maps to draw"):
+            main(["explain", str(out), "--image", str(image), "--text", "what shape?", "--output", str(tmp_path / "a.png")])
+
+
 def test_unknown_config_keys_are_refused(tmp_path):
     config = tmp_path / "bad.json"
     config.write_text(json.dumps({"prompt_lenght": 4}))
