@@ -247,6 +247,11 @@ def check_hub_weights(path: str, interaction: bool) -> None:
         )
 
 
+def _float_dtype(module: nn.Module) -> torch.dtype | None:
+    """The dtype of the module's first floating-point parameter (None when it has none)."""
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
+
+
 class MITPModel(BaseTuner):
     """The MITP tuner: wraps the interaction layers of both towers and holds one `MemoryHub` per adapter.
 
@@ -447,21 +452,32 @@ class MITPModel(BaseTuner):
             hub.requires_grad_(name in self.active_adapters and any(p.requires_grad for p in prompts))
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """Give the adapter's tensors their dtype, by one rule on every path (created, loaded, `low_cpu_mem_usage`).
+
+        - prompts and hub: float32 with `autocast_adapter_dtype=True` (peft's default), else the dtype of the layer
+          they sit in (prompts) and of the backbone's towers (hub), whatever dtype the adapter file holds;
+        - head copy (`modules_to_save`): the dtype of the head it copies.
+        """
         super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
-        # peft only upcasts containers inside tuner layers; keep the hub in float32 too (bf16/fp16 backbones).
-        if autocast_adapter_dtype and adapter_name in self.mitp_hub:
+        for module in self.model.modules():
+            if isinstance(module, MITPLayer) and adapter_name in module.mitp_prompt:
+                dtype = torch.float32 if autocast_adapter_dtype else _float_dtype(module.get_base_layer())
+                prompt = module.mitp_prompt[adapter_name]
+                if dtype is not None and prompt.dtype != dtype:
+                    prompt.data = prompt.data.to(dtype)
+            # `low_cpu_mem_usage=True` assigns a half-precision adapter file as is: give the head copy back the dtype
+            # of the head it copies, as a normal load does (docs/sharing.md, "Half-precision files").
+            if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
+                reference = next(module.original_module.parameters(), None)
+                copy = module.modules_to_save[adapter_name]
+                if reference is not None and any(p.dtype != reference.dtype for p in copy.parameters()):
+                    copy.to(reference.dtype)
+        if adapter_name in self.mitp_hub:
             hub = self.mitp_hub[adapter_name]
-            if any(p.dtype in _UPCAST for p in hub.parameters()):
-                hub.to(torch.float32)
-        # `low_cpu_mem_usage=True` assigns a half-precision adapter file as is: give the head copy back the dtype of
-        # the head it copies, as a normal load does (docs/sharing.md, "Half-precision files").
-        if autocast_adapter_dtype:
-            for module in self.model.modules():
-                if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
-                    reference = next(module.original_module.parameters(), None)
-                    copy = module.modules_to_save[adapter_name]
-                    if reference is not None and any(p.dtype != reference.dtype for p in copy.parameters()):
-                        copy.to(reference.dtype)
+            towers = self._towers(self.model)
+            dtype = torch.float32 if autocast_adapter_dtype else _float_dtype(towers["text"].module)
+            if dtype is not None and any(p.dtype != dtype for p in hub.parameters()):
+                hub.to(dtype)
 
     # ------------------------------------------------------------------ forward
     @contextmanager

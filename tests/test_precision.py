@@ -90,6 +90,46 @@ def test_half_precision_backbone_trains_a_float32_adapter_on_awkward_texts(dtype
     _train(model, _awkward_batch(), dtype)
 
 
+@pytest.mark.parametrize("autocast", [True, False], ids=["autocast", "no-autocast"])
+@pytest.mark.parametrize(
+    ("path", "low_cpu_mem_usage"),
+    [
+        ("get_peft_model", False),
+        ("load-fp32-file", False),
+        ("load-fp32-file", True),
+        ("load-bf16-file", False),
+        ("load-bf16-file", True),
+    ],
+    ids=["get_peft_model", "load-fp32-file", "load-fp32-file-low-cpu-mem", "load-bf16-file", "load-bf16-file-low-cpu-mem"],
+)
+def test_one_dtype_rule_for_prompts_hub_and_head_on_every_path(path, low_cpu_mem_usage, autocast, tmp_path):
+    """Float32 prompts and hub with `autocast_adapter_dtype=True`, the backbone's dtype without; the head copy always in
+    the dtype of the head it copies; whatever the adapter file holds and however it is loaded."""
+    from peft import PeftModel
+
+    def base():
+        return MITPForImageTextClassification.from_backbone(tiny_clip().to(torch.bfloat16), num_labels=5)
+
+    config = MITPConfig(prompt_length=4, num_interaction_layers=2, hub_dim=16)
+    if path == "get_peft_model":
+        model = get_peft_model(base(), config, autocast_adapter_dtype=autocast)
+    else:
+        saved = get_peft_model(MITPForImageTextClassification.from_backbone(tiny_clip(), num_labels=5), config)
+        peft_mitp.save_adapter(saved, tmp_path, dtype=torch.float32 if path == "load-fp32-file" else torch.bfloat16)
+        model = PeftModel.from_pretrained(
+            base(), tmp_path, is_trainable=True, low_cpu_mem_usage=low_cpu_mem_usage, autocast_adapter_dtype=autocast
+        )
+    expected = torch.float32 if autocast else torch.bfloat16
+    dtypes = {}
+    for name, param in model.named_parameters():
+        kind = next((k for k in ("mitp_prompt", "mitp_hub", "modules_to_save") if k in name), None)
+        if kind:
+            dtypes.setdefault(kind, set()).add(param.dtype)
+    head = model.base_model.model.classifier.original_module.weight.dtype
+    assert dtypes == {"mitp_prompt": {expected}, "mitp_hub": {expected}, "modules_to_save": {head}}
+    _train(model, clip_inputs(seed=4), torch.bfloat16, steps=1)
+
+
 @pytest.mark.parametrize("dtype", HALF)
 def test_half_precision_logits_stay_close_to_float32(dtype):
     batch = _awkward_batch()
