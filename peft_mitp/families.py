@@ -389,7 +389,8 @@ def pooled(features: Any, token: int | None = None) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------------- the table
 # Causality of the text towers (checked by tests/test_families.py): CLIP, MetaCLIP 2, OWL-ViT, OWLv2 and CLIPSeg pass
 # `is_causal=True` to their text layers; AIMv2 builds a causal mask from the padding mask; all others are
-# bidirectional. `MITPLayer` reads both from the layer call, so no entry needs to say it.
+# bidirectional. `MITPLayer` reads both from the layer call (and a causal-by-attribute attention from the layer
+# itself), so no entry needs to say it.
 
 register_family(
     BackboneFamily(

@@ -125,7 +125,14 @@ class MITPLayer(nn.Module, BaseTunerLayer):
         seq_len, num_prompts = hidden_states.shape[1], prompts.shape[1]
 
         args, kwargs = self._name_arguments(args, kwargs)
-        is_causal = bool(kwargs.get("is_causal", False))
+        is_causal = kwargs.get("is_causal")
+        if is_causal is None and (tower.attn_implementation or "eager") != "eager":
+            # A tower causal by attribute (e.g. BERT with `is_decoder=True`) gets no `is_causal` argument and, under
+            # SDPA without padding, no mask: its attention applies causality itself, which would hide the appended
+            # prompts from every token. Materialise the causal mask with the prompts instead. (Eager attention reads
+            # only the mask, so there a causal tower always gets one.)
+            is_causal = any(getattr(m, "is_causal", False) is True for m in self.get_base_layer().modules())
+        is_causal = bool(is_causal)
 
         def extend_mask(mask: Any) -> Any:
             return extend_attention_mask(

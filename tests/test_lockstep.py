@@ -314,3 +314,51 @@ def test_mixed_adapter_batches_are_refused_not_ignored(inputs):
         model(**inputs, adapter_names=names)
     with torch.no_grad():
         model(**inputs, adapter_names=None)  # None is every forward's default
+
+
+def _causal_by_attribute_model(attn: str):
+    """BERT with `is_decoder=True` (causal through its attention modules' `is_causal`, no call argument) + ViT."""
+    from peft import get_peft_model
+    from transformers import AutoConfig, AutoModel, VisionTextDualEncoderConfig
+
+    text = AutoConfig.for_model(
+        "bert", hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, vocab_size=EOS + 1,
+        max_position_embeddings=24, is_decoder=True,
+    )
+    vision = AutoConfig.for_model(
+        "vit", hidden_size=48, intermediate_size=96, num_hidden_layers=6, num_attention_heads=4, image_size=32,
+        patch_size=8,
+    )
+    torch.manual_seed(0)
+    backbone = AutoModel.from_config(
+        VisionTextDualEncoderConfig.from_vision_text_configs(vision, text, projection_dim=24), attn_implementation=attn
+    )
+    base = peft_mitp.MITPForImageTextClassification.from_backbone(backbone.eval(), num_labels=5)
+    torch.manual_seed(100)
+    model = get_peft_model(base, peft_mitp.MITPConfig(prompt_length=3, num_interaction_layers=2, hub_dim=16))
+    _randomize_hub(model)
+    return model.eval()
+
+
+def test_a_text_tower_causal_by_attribute_lets_its_tokens_see_the_prompts():
+    # Under SDPA without padding the encoder passes no mask and no `is_causal`; eager gets a causal mask. Both must
+    # give tokens that see the prompts and keep causality, i.e. the same outputs.
+    inputs = clip_inputs(batch=2, length=6, seed=2)
+    changed = {**inputs, "input_ids": inputs["input_ids"].clone()}
+    changed["input_ids"][:, 3] = inputs["input_ids"][:, 3] % (EOS - 3) + 1
+    outputs = {}
+    for attn in ("sdpa", "eager"):
+        model = _causal_by_attribute_model(attn)
+        layer = model.base_model.model.backbone.text_model.encoder.layer[model.peft_config["default"].text_layers[0]]
+        captured = []
+        layer.register_forward_hook(
+            lambda m, a, out, captured=captured: captured.append(out[0] if isinstance(out, tuple) else out)
+        )
+        with torch.no_grad():
+            logits = model(**inputs).logits
+            model(**changed)
+        outputs[attn] = (captured[0], logits)
+        torch.testing.assert_close(captured[0][:, :3], captured[1][:, :3], atol=1e-6, rtol=0)  # still causal
+        assert not torch.allclose(captured[0][:, 3:], captured[1][:, 3:])
+    torch.testing.assert_close(outputs["sdpa"][0], outputs["eager"][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(outputs["sdpa"][1], outputs["eager"][1], atol=1e-5, rtol=1e-5)
