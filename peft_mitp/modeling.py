@@ -48,6 +48,9 @@ def _attn_implementations(config: PreTrainedConfig) -> list[tuple[PreTrainedConf
     return found
 
 
+# Text inputs with one entry per token, checked against `input_ids`' (batch, length) before the towers run.
+_PER_TOKEN_TEXT_INPUTS = ("attention_mask", "token_type_ids", "position_ids")
+
 _HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "subfolder", "trust_remote_code")
 
 
@@ -424,6 +427,10 @@ class MITPForImageTextClassification(PreTrainedModel):
     def _check_input_shapes(self, text_inputs: dict[str, Any], vision_inputs: dict[str, Any]) -> None:
         """Refuse images and texts the towers cannot take, before either tower starts.
 
+        Every per-token text input (`attention_mask`, `token_type_ids`, `position_ids`) must match `input_ids`'
+        (batch, length), and every other vision tensor input must have one row per image: a mismatch would otherwise
+        run silently (a shorter mask broadcast or ignored) or fail deep inside a tower.
+
         The limits come from the towers' own configs where they have them (`num_channels`, `image_size` of the
         vision tower; `max_position_embeddings` of a text tower with absolute positions), so every family is checked
         the same way and the message names the config field. `interpolate_pos_encoding=True` lifts the image-size
@@ -431,6 +438,14 @@ class MITPForImageTextClassification(PreTrainedModel):
         """
         towers = self.mitp_towers()
         pixels = vision_inputs.get("pixel_values")
+        if isinstance(pixels, torch.Tensor) and pixels.dim():
+            for name, value in vision_inputs.items():
+                mismatched = isinstance(value, torch.Tensor) and value.dim() and value.shape[0] != pixels.shape[0]
+                if name != "pixel_values" and mismatched:
+                    raise ValueError(
+                        f"`{name}` has {value.shape[0]} rows (shape {tuple(value.shape)}) but `pixel_values` has "
+                        f"{pixels.shape[0]} images: give one row per image, as the image processor returns them."
+                    )
         if isinstance(pixels, torch.Tensor) and self.family.pixel_values_layout == "images":
             vision_config = towers["vision"].module.config
             if pixels.dim() != 4:
@@ -469,6 +484,20 @@ class MITPForImageTextClassification(PreTrainedModel):
                 raise ValueError(
                     f"`input_ids` must be a (batch, length) tensor of token ids, got shape {tuple(input_ids.shape)}."
                 )
+            batch, length = input_ids.shape
+            for name in _PER_TOKEN_TEXT_INPUTS:
+                value = text_inputs.get(name)
+                if not isinstance(value, torch.Tensor):
+                    continue
+                # Position ids broadcast over the batch when given once.
+                rows = (batch, 1) if name == "position_ids" else (batch,)
+                if value.dim() != 2 or value.shape[0] not in rows or value.shape[1] != length:
+                    raise ValueError(
+                        f"`{name}` has shape {tuple(value.shape)} but `input_ids` has {tuple(input_ids.shape)}: every "
+                        f"per-token text input needs one row of {length} entries per text (batch {batch}). Tokenize "
+                        "the texts once and pass the tokenizer's outputs together (`**tokenizer(texts, padding=True, "
+                        "return_tensors='pt')`)."
+                    )
             text_config = towers["text"].module.config
             limit = getattr(text_config, "max_position_embeddings", None)
             absolute = getattr(text_config, "position_embedding_type", "absolute") == "absolute"

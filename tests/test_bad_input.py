@@ -133,6 +133,50 @@ def test_one_dimensional_input_ids_are_refused():
         model(input_ids=inputs["input_ids"][0], pixel_values=inputs["pixel_values"][:1])
 
 
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("attention_mask", lambda ids: torch.ones_like(ids)[:3]),  # fewer texts: CLIP ran it silently
+        ("attention_mask", lambda ids: torch.ones_like(ids)[:, :6]),  # shorter than the texts: ran silently too
+        ("attention_mask", lambda ids: torch.ones_like(ids)[0]),
+        ("position_ids", lambda ids: torch.arange(5).expand(ids.shape[0], 5)),
+    ],
+    ids=["mask-batch", "mask-length", "mask-1d", "position-ids-length"],
+)
+def test_per_token_text_inputs_that_disagree_with_input_ids_are_refused_before_the_towers_run(name, value):
+    model = make_model()
+    inputs = clip_inputs()
+    calls = []
+    model.base_model.model.backbone.text_model.embeddings.register_forward_hook(lambda *a: calls.append(1))
+    with pytest.raises(ValueError, match=rf"`{name}` has shape .* but `input_ids` has \(4, 7\)"):
+        model(**{**inputs, name: value(inputs["input_ids"])})
+    assert calls == []
+    with torch.no_grad():  # position ids given once for the whole batch broadcast, as in transformers
+        model(**inputs, position_ids=torch.arange(7)[None])
+
+
+def test_vision_inputs_with_another_number_of_rows_than_pixel_values_are_refused():
+    from transformers import AutoConfig, AutoModel
+
+    config = AutoConfig.for_model(
+        "siglip2",
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         vocab_size=99, max_position_embeddings=24),
+        vision_config=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                           num_patches=16, patch_size=8),
+    )
+    torch.manual_seed(0)
+    model = get_peft_model(_task(AutoModel.from_config(config).eval()), MITPConfig(prompt_length=2,
+                                                                                    num_interaction_layers=1))
+    ids = torch.randint(1, 98, (2, 5))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": torch.randn(2, 16, 192),
+              "pixel_attention_mask": torch.ones(2, 16, dtype=torch.long), "spatial_shapes": torch.tensor([[4, 4]] * 2)}
+    with torch.no_grad():
+        model(**inputs)
+    with pytest.raises(ValueError, match=r"`spatial_shapes` has 1 rows .* but `pixel_values` has 2 images"):
+        model(**{**inputs, "spatial_shapes": inputs["spatial_shapes"][:1]})
+
+
 # ------------------------------------------------------------------------- adapters built for another backbone
 def test_the_adapter_records_the_backbone_it_was_built_for(adapter_dir):
     saved = json.loads((adapter_dir / "adapter_config.json").read_text())
