@@ -173,9 +173,9 @@ def push_adapter_to_hub(
     """Upload an MITP adapter with its model card to the Hub; what `model.push_to_hub` does for MITP adapters.
 
     Creates the repo if needed (`private` applies then), saves the adapter(s) into a temporary folder, writes the MITP
-    model card (keeping metadata keys and tags of the card already on the Hub; its text is regenerated) and
-    `mitp_training.json` when training details are known, and uploads everything as one commit. Pushing again to
-    the same repo makes a new commit that updates the files.
+    model card (the MITP block regenerated; metadata keys, tags and text a person wrote in the card already on the
+    Hub kept) and `mitp_training.json` when training details are known, and uploads everything as one commit. Pushing
+    again to the same repo makes a new commit that updates the files.
 
     Args:
         model: the `PeftModel` holding the MITP adapter(s).

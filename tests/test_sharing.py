@@ -312,6 +312,34 @@ def test_save_pretrained_writes_the_mitp_card_with_configuration_size_and_traini
     assert f'load_adapter_model("{adapter_dir}")' in _python_blocks(text)[0]
 
 
+def test_saving_over_a_readme_of_ones_own_keeps_its_text_and_regenerates_only_the_mitp_block(tmp_path):
+    model = get_peft_model(MITPForImageTextClassification.from_backbone(tiny_clip(), num_labels=3), MITPConfig(**SMALL))
+    (tmp_path / "README.md").write_text("---\nlanguage: en\n---\n\n# My food adapter\n\nTrained on my photos.\n")
+    model.save_pretrained(tmp_path)
+    first = (tmp_path / "README.md").read_text()
+    assert "# My food adapter\n\nTrained on my photos." in first and "## MITP configuration" in first
+    assert first.index("Trained on my photos.") < first.index(peft_mitp.card.CARD_BEGIN)
+    assert _front_matter(first)["language"] == "en" and "mitp" in _front_matter(first)["tags"]
+
+    # Text added after the block survives the next save; the block is regenerated once, not appended again.
+    (tmp_path / "README.md").write_text(first + "\n## Notes\n\nCheck the label order.\n")
+    model.add_adapter("second", MITPConfig(**SMALL))
+    model.save_pretrained(tmp_path)
+    second = (tmp_path / "README.md").read_text()
+    assert second.count("Trained on my photos.") == 1 and second.count("## MITP configuration") == 1
+    assert "## Notes\n\nCheck the label order." in second
+    assert "| second |" in second  # regenerated from the model
+
+
+def test_generated_cards_are_replaced_whole(tmp_path):
+    model = get_peft_model(MITPForImageTextClassification.from_backbone(tiny_clip(), num_labels=3), MITPConfig(**SMALL))
+    (tmp_path / "README.md").write_text("# Model Card\n\n<!-- Provide a quick summary of what the model is/does. -->\n"
+                                        "\n[More Information Needed]\n")
+    model.save_pretrained(tmp_path)
+    text = (tmp_path / "README.md").read_text()
+    assert "More Information Needed" not in text and text.count("## MITP configuration") == 1
+
+
 def test_card_lists_the_other_adapters_saved_in_subfolders(tmp_path):
     model = get_peft_model(MITPForImageTextClassification.from_backbone(tiny_clip(), num_labels=3), MITPConfig(**SMALL))
     model.add_adapter("wide", MITPConfig(prompt_length=6, num_interaction_layers=3, hub_dim=8))
