@@ -722,6 +722,7 @@ class MITPForImageTextClassification(PreTrainedModel):
         """
         kwargs.pop("num_items_in_batch", None)
         kwargs.pop("return_dict", None)
+        self._check_label_rows(labels, input_ids, pixel_values, image_present, text_present)
         text, image, hub_outputs = self.pooled_features(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -741,6 +742,24 @@ class MITPForImageTextClassification(PreTrainedModel):
         if output_hub_activations:
             attentions = tuple((o.text_activation, o.vision_activation) for o in hub_outputs)
         return SequenceClassifierOutput(loss=loss, logits=logits, attentions=attentions)
+
+    @staticmethod
+    def _check_label_rows(labels: Any, *batch_inputs: Any) -> None:
+        """Refuse labels with another number of rows than the batch before the towers run (`loss` checks the rest).
+
+        The batch size is read from the first of `input_ids`, `pixel_values`, `image_present`, `text_present` that is
+        given; with presence masks (missing modalities) the masks' length is the batch size.
+        """
+        if not isinstance(labels, torch.Tensor) or labels.dim() == 0:
+            return
+        sizes = [x.shape[0] for x in batch_inputs if isinstance(x, torch.Tensor) and x.dim()]
+        masks = [x.shape[0] for x in batch_inputs[2:] if isinstance(x, torch.Tensor) and x.dim()]
+        batch = (masks or sizes or [None])[0]
+        if batch is not None and labels.shape[0] != batch:
+            raise ValueError(
+                f"`labels` has {labels.shape[0]} rows (shape {tuple(labels.shape)}) but the batch has {batch} samples: "
+                "give one label (single-label) or one row of 0/1 labels (multi-label) per sample."
+            )
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Cross-entropy for single-label problems, BCE-with-logits for `multi_label_classification`."""

@@ -155,6 +155,15 @@ def test_per_token_text_inputs_that_disagree_with_input_ids_are_refused_before_t
         model(**inputs, position_ids=torch.arange(7)[None])
 
 
+def test_labels_for_another_number_of_samples_are_refused_before_the_towers_run():
+    model = make_model()
+    calls = []
+    model.base_model.model.backbone.text_model.embeddings.register_forward_hook(lambda *a: calls.append(1))
+    with pytest.raises(ValueError, match=r"`labels` has 3 rows \(shape \(3,\)\) but the batch has 4 samples"):
+        model(**clip_inputs(), labels=torch.tensor([0, 1, 2]))
+    assert calls == []
+
+
 def test_vision_inputs_with_another_number_of_rows_than_pixel_values_are_refused():
     from transformers import AutoConfig, AutoModel
 
