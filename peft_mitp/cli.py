@@ -47,6 +47,10 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
     mitp.add_argument("--similarity", choices=["scaled_dot", "cosine", "dot"], default=argparse.SUPPRESS)
     mitp.add_argument("--temperature", type=float, default=argparse.SUPPRESS)
     mitp.add_argument("--activation", choices=["softmax", "hard"], default=argparse.SUPPRESS)
+    mitp.add_argument("--consolidation", choices=["cross", "joint"], default=argparse.SUPPRESS,
+                      help="what each prompt's activation softmax runs over: the other modality, or both")
+    mitp.add_argument("--gate-init", dest="gate_init", type=float, default=argparse.SUPPRESS,
+                      help="initial value of the hub's gates on the cross-modal term")
     mitp.add_argument("--no-interaction", dest="interaction", action="store_false", default=argparse.SUPPRESS,
                       help="ablation: no cross-modal term in the hub")
     mitp.add_argument("--no-memory", dest="memory", action="store_false", default=argparse.SUPPRESS,

@@ -13,6 +13,7 @@ from peft.config import PeftConfig
 
 SIMILARITIES = ("scaled_dot", "cosine", "dot")
 ACTIVATIONS = ("softmax", "hard")
+CONSOLIDATIONS = ("cross", "joint")
 
 
 class MITPPeftType(str, enum.Enum):
@@ -120,6 +121,24 @@ class MITPConfig(PeftConfig):
         default="softmax",
         metadata={"help": "Activation over similarities: 'softmax' (the paper) or 'hard' (top-1, an ablation)."},
     )
+    consolidation: Literal["cross", "joint"] = field(
+        default="cross",
+        metadata={
+            "help": "What each prompt's activation softmax runs over. 'cross': the other modality's prompts (each "
+            "prompt always draws a full unit of the other modality). 'joint': both modalities' prompts, so how much a "
+            "prompt draws from the other modality grows with how well it matches there. Measured on the offline job "
+            "(docs/benchmarks.md): no difference in accuracy."
+        },
+    )
+    gate_init: float = field(
+        default=0.0,
+        metadata={
+            "help": "Initial value of the hub's per-channel gates on the generated cross-modal term. 0: a fresh "
+            "adapter starts as temporal prompts without interaction, and the hub's maps get their first gradient at "
+            "the second step. A positive value lets the cross term act, and every hub tensor learn, from the first "
+            "step."
+        },
+    )
     interaction: bool = field(
         default=True,
         metadata={"help": "Ablation switch. False: no cross-modal term; each tower's prompts only carry its own "
@@ -223,6 +242,13 @@ class MITPConfig(PeftConfig):
             raise ValueError(f"`similarity`={self.similarity!r} is unknown; choose one of {list(SIMILARITIES)}.")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"`activation`={self.activation!r} is unknown; choose one of {list(ACTIVATIONS)}.")
+        if self.consolidation not in CONSOLIDATIONS:
+            raise ValueError(
+                f"`consolidation`={self.consolidation!r} is unknown; choose one of {list(CONSOLIDATIONS)}."
+            )
+        if isinstance(self.gate_init, bool) or not isinstance(self.gate_init, (int, float)) or self.gate_init != self.gate_init:
+            raise ValueError(f"`gate_init` must be a number, got {self.gate_init!r}.")
+        self.gate_init = float(self.gate_init)
         if self.temperature is not None and not self.temperature > 0:
             raise ValueError(f"`temperature` must be > 0 (or None for the default), got {self.temperature!r}.")
         if not self.prompt_init_std >= 0:

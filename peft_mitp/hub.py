@@ -179,19 +179,26 @@ class MemoryHub(nn.Module):
         scaled dot $H_t H_v^\top / \sqrt{d_h}$, cosine, or dot.
 
     Activation (softmax over the similarities, one direction per modality):
-        $A_{t \leftarrow v} = \mathrm{softmax}_\text{row}(S)$, $A_{v \leftarrow t} = \mathrm{softmax}_\text{row}(S^\top)$.
+        $A_{t \leftarrow v} = \mathrm{softmax}_\text{row}(S)$, $A_{v \leftarrow t} = \mathrm{softmax}_\text{row}(S^\top)$,
+        and the activated memory $Z_t = A_{t \leftarrow v} H_v$, $Z_v = A_{v \leftarrow t} H_t$ (`consolidation="cross"`).
+        With `consolidation="joint"` each prompt's softmax runs over both modalities' prompts,
+        $[A_{t \leftarrow v}, A_{t \leftarrow t}] = \mathrm{softmax}_\text{row}([S, \mathrm{sim}(H_t, H_t)/\tau])$ and
+        $Z_t = A_{t \leftarrow v} H_v + A_{t \leftarrow t} H_t$ (the same for vision): the share a prompt takes from the
+        other modality then grows with how well it matches there, which a softmax over the other modality alone
+        cannot express (it always sums to one over the other modality's prompts).
 
     Generation (residual memory plus the activated other modality, mapped back to each tower's width, normalised and
     brought to the scale of that tower's read-out, then gated):
-        $C_t = R_t + g_t \odot \mathrm{rms}(R_t)\,\mathrm{LN}(U_t (A_{t \leftarrow v} H_v))$,
-        $C_v = R_v + g_v \odot \mathrm{rms}(R_v)\,\mathrm{LN}(U_v (A_{v \leftarrow t} H_t))$,
+        $C_t = R_t + g_t \odot \mathrm{rms}(R_t)\,\mathrm{LN}(U_t Z_t)$,
+        $C_v = R_v + g_v \odot \mathrm{rms}(R_v)\,\mathrm{LN}(U_v Z_v)$,
     with $\mathrm{rms}(R)$ the root mean square of each read-out token (a measured scale, not differentiated), LN
     without parameters and $g$ a learned per-channel gate.
 
     The layers of pair k+1 add their own learned prompts $E^{k+1}$ to the carry: $P^{k+1} = E^{k+1} + C^{k+1}$.
     With `memory=False` the residual $R$ is dropped; with `interaction=False` the cross term is dropped (and no maps
-    are created). The gates $g$ start at zero, so a fresh adapter behaves like temporal prompts without interaction
-    and learns how much to draw from the other modality. The normalisation keeps the cross term at the scale of the
+    are created). The gates $g$ start at `gate_init` (default 0, so a fresh adapter behaves like temporal prompts
+    without interaction and learns how much to draw from the other modality; the maps then get their first gradient
+    at the second step, once the gates have moved). The normalisation keeps the cross term at the scale of the
     tower's own hidden states however large the maps grow in training: without it, the generated prompts grew to
     more than ten times the hidden states' norm on the offline benchmark and colour accuracy fell from 0.82 to 0.20
     (`benchmarks/hub_scale.py`; docs/benchmarks.md, "Why the cross term is normalised").
@@ -208,6 +215,9 @@ class MemoryHub(nn.Module):
         stand_ins: learned stand-ins for a missing modality (`MITPConfig(missing_modality=True)`); None: every
             sample must have both modalities.
         modality_dropout: training only: probability that a sample with both modalities loses one of them.
+        consolidation: "cross" (each prompt's activation runs over the other modality's prompts) or "joint" (over
+            both modalities' prompts).
+        gate_init: initial value of every gate channel.
     """
 
     def __init__(
@@ -222,6 +232,8 @@ class MemoryHub(nn.Module):
         memory: bool = True,
         stand_ins: ModalityStandIns | None = None,
         modality_dropout: float = 0.0,
+        consolidation: str = "cross",
+        gate_init: float = 0.0,
     ) -> None:
         super().__init__()
         self.text_width = text_width
@@ -232,6 +244,8 @@ class MemoryHub(nn.Module):
         self.activation = activation
         self.interaction = interaction
         self.memory = memory
+        self.consolidation = consolidation
+        self.gate_init = gate_init
         if interaction:
             self.text_in = nn.Linear(text_width, hub_dim)
             self.vision_in = nn.Linear(vision_width, hub_dim)
@@ -246,13 +260,13 @@ class MemoryHub(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Initialise the maps as `nn.Linear` does and the gates at zero (no cross-modal term at the start)."""
+        """Initialise the maps as `nn.Linear` does and the gates at `gate_init` (0: no cross-modal term at the start)."""
         if not self.interaction:
             return
         for linear in (self.text_in, self.vision_in, self.text_out, self.vision_out):
             linear.reset_parameters()
-        nn.init.zeros_(self.text_gate)
-        nn.init.zeros_(self.vision_gate)
+        nn.init.constant_(self.text_gate, self.gate_init)
+        nn.init.constant_(self.vision_gate, self.gate_init)
 
     def similarities(self, text_hidden: torch.Tensor, vision_hidden: torch.Tensor) -> torch.Tensor:
         """Consolidation: (B, M_t, d_h) x (B, M_v, d_h) -> (B, M_t, M_v), already divided by the temperature."""
@@ -289,10 +303,24 @@ class MemoryHub(nn.Module):
         text_hidden = self.text_in(F.layer_norm(text_readout, (self.text_width,)))
         vision_hidden = self.vision_in(F.layer_norm(vision_readout, (self.vision_width,)))
         scores = self.similarities(text_hidden, vision_hidden)
-        text_activation = self.activate(scores)
-        vision_activation = self.activate(scores.transpose(1, 2))
-        text_cross = self._generate(self.text_out(text_activation @ vision_hidden), text_readout, self.text_gate)
-        vision_cross = self._generate(self.vision_out(vision_activation @ text_hidden), vision_readout, self.vision_gate)
+        if self.consolidation == "joint":
+            # Each prompt's activation runs over both modalities' prompts: the share it takes from the other modality
+            # grows with how well it matches there, against how well it matches its own modality.
+            text_scores = torch.cat([scores, self.similarities(text_hidden, text_hidden)], dim=-1)
+            vision_scores = torch.cat([scores.transpose(1, 2), self.similarities(vision_hidden, vision_hidden)], dim=-1)
+            text_joint = self.activate(text_scores)
+            vision_joint = self.activate(vision_scores)
+            text_mixed = text_joint @ torch.cat([vision_hidden, text_hidden], dim=1)
+            vision_mixed = vision_joint @ torch.cat([text_hidden, vision_hidden], dim=1)
+            text_activation = text_joint[..., : vision_hidden.shape[1]]
+            vision_activation = vision_joint[..., : text_hidden.shape[1]]
+        else:
+            text_activation = self.activate(scores)
+            vision_activation = self.activate(scores.transpose(1, 2))
+            text_mixed = text_activation @ vision_hidden
+            vision_mixed = vision_activation @ text_hidden
+        text_cross = self._generate(self.text_out(text_mixed), text_readout, self.text_gate)
+        vision_cross = self._generate(self.vision_out(vision_mixed), vision_readout, self.vision_gate)
         return HubOutput(
             text_prompts=text_cross if text_carry is None else text_carry + text_cross,
             vision_prompts=vision_cross if vision_carry is None else vision_carry + vision_cross,
@@ -384,5 +412,6 @@ class MemoryHub(nn.Module):
         return (
             f"text_width={self.text_width}, vision_width={self.vision_width}, hub_dim={self.hub_dim}, "
             f"similarity={self.similarity!r}, temperature={self.temperature}, activation={self.activation!r}, "
-            f"interaction={self.interaction}, memory={self.memory}, modality_dropout={self.modality_dropout}"
+            f"interaction={self.interaction}, memory={self.memory}, modality_dropout={self.modality_dropout}, "
+            f"consolidation={self.consolidation!r}, gate_init={self.gate_init}"
         )

@@ -352,6 +352,8 @@ class MITPModel(BaseTuner):
                 memory=config.memory,
                 stand_ins=stand_ins,
                 modality_dropout=config.modality_dropout,
+                consolidation=config.consolidation,
+                gate_init=config.gate_init,
             )
         # Under low_cpu_mem_usage (or peft's init_empty_weights) the hub is on the meta device: loading assigns it.
         if param.device.type != "meta" and not any(p.device.type == "meta" for p in hub.parameters()):

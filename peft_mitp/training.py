@@ -46,7 +46,7 @@ class TrainOptions:
             questions, 1,000 evaluation questions, one epoch of batch 32) keep the offline default job within about
             five minutes on 2 CPU cores; raise them for the full data set.
         prompt_length, text_layers, vision_layers, num_interaction_layers, hub_dim, similarity, temperature,
-        activation, interaction, memory: the `MITPConfig` (see docs/method.md).
+        activation, consolidation, gate_init, interaction, memory: the `MITPConfig` (see docs/method.md).
         epochs, batch_size, learning_rate, weight_decay, warmup_ratio, max_steps, seed: the Trainer schedule.
         precision: "fp32", "bf16" or "fp16" (mixed precision of the Trainer; the adapter stays float32).
         output_dir: where the adapter, metrics, plots and checkpoints go.
@@ -70,6 +70,8 @@ class TrainOptions:
     similarity: str = "scaled_dot"
     temperature: float | None = None
     activation: str = "softmax"
+    consolidation: str = "cross"
+    gate_init: float = 0.0
     interaction: bool = True
     memory: bool = True
     epochs: float = 1.0
@@ -97,6 +99,8 @@ class TrainOptions:
             similarity=self.similarity,
             temperature=self.temperature,
             activation=self.activation,
+            consolidation=self.consolidation,
+            gate_init=self.gate_init,
             interaction=self.interaction,
             memory=self.memory,
         )
