@@ -2,13 +2,11 @@
 
 peft has no entry points and its `PeftType` is a closed enum, so `register_peft_method` refuses a third-party name.
 The plugin fills peft's lookup tables itself, keyed by `MITPPeftType.MITP` (a `str` enum member equal to "MITP").
-If peft ever gains its own `MITP` member, its official `register_peft_method` is used instead.
 """
 
 from __future__ import annotations
 
 from peft import mapping as peft_mapping
-from peft.utils import PeftType
 
 from .config import MITPConfig, MITPPeftType
 from .model import MITPModel
@@ -37,17 +35,7 @@ def register() -> None:
         # peft's own uniqueness check compares against the wrong side of the dict, so check the prefix here.
         if prefix == PREFIX and peft_type != MITPPeftType.MITP:
             raise RuntimeError(f"The parameter prefix {PREFIX!r} is already used by peft method {peft_type!r}.")
-
-    if "MITP" in PeftType.__members__:  # pragma: no cover - only once peft ships an MITP member
-        from peft.utils import register_peft_method
-
-        register_peft_method(name="mitp", config_cls=MITPConfig, model_cls=MITPModel, prefix=PREFIX)
-        return
     peft_mapping.PEFT_TYPE_TO_CONFIG_MAPPING[MITPPeftType.MITP] = MITPConfig
     peft_mapping.PEFT_TYPE_TO_TUNER_MAPPING[MITPPeftType.MITP] = MITPModel
     peft_mapping.PEFT_TYPE_TO_PREFIX_MAPPING[MITPPeftType.MITP] = PREFIX
 
-
-def is_registered() -> bool:
-    """Whether peft currently resolves `"MITP"` to this plugin."""
-    return peft_mapping.PEFT_TYPE_TO_CONFIG_MAPPING.get("MITP") is MITPConfig
