@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 from peft.config import PeftConfig
 
+from .adapter_files import check_adapter_weights, check_hub_weights
+
 SIMILARITIES = ("scaled_dot", "cosine", "dot")
 ACTIVATIONS = ("softmax", "hard")
 CONSOLIDATIONS = ("cross", "joint")
@@ -303,8 +305,8 @@ class MITPConfig(PeftConfig):
         - an `adapter_config.json` of another peft method (peft would hand back, say, a `LoraConfig`);
         - fields this version of `MITPConfig` does not know (peft would drop them with a warning);
         - with `check_weights`, an adapter whose `adapter_model.safetensors` is missing, truncated, or present only as
-          a pickled `adapter_model.bin` (see `peft_mitp.model.check_adapter_weights`), or whose memory hub lacks the
-          gates this version's hub has (`peft_mitp.model.check_hub_weights`).
+          a pickled `adapter_model.bin` (see `peft_mitp.adapter_files.check_adapter_weights`), or whose memory hub lacks the
+          gates this version's hub has (`peft_mitp.adapter_files.check_hub_weights`).
 
         Args:
             pretrained_model_name_or_path: a local adapter directory or a Hub repo id.
@@ -332,8 +334,6 @@ class MITPConfig(PeftConfig):
                 "the method from the file), or point to a directory saved from an MITP adapter."
             )
         if check_weights:
-            from .model import check_adapter_weights, check_hub_weights  # model.py imports this module
-
             path = check_adapter_weights(pretrained_model_name_or_path, subfolder=subfolder, **cls._split_kwargs(kwargs)[0])
             check_hub_weights(path, config.interaction)
         return config
