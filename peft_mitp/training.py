@@ -11,95 +11,23 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 from datasets import Dataset, DatasetDict
 
+from peft_mitp_cli.options import OFFLINE_BACKBONE, TrainOptions
+
 from .card import TRAINING_INFO_FILE
-from .config import MITPConfig
 from .modeling import MITPForImageTextClassification
 from .processing import ImageTextProcessor, load_processor
 
 logger = logging.getLogger(__name__)
 
-OFFLINE_BACKBONE = "offline"
 METRICS_FILE = "metrics.json"
 ADAPTER_DIR = "adapter"
-
-
-@dataclass
-class TrainOptions:
-    """Everything `mitp train` can be told; each field is also a command-line flag and a config-file key.
-
-    Args:
-        backbone: a dual-encoder checkpoint (Hub id or folder), or "offline" for the packaged default.
-        text_backbone / vision_backbone: a separately pre-trained text encoder and vision encoder (PMF style);
-            used instead of `backbone` when both are given.
-        dataset: "easy_vqa", one of the paper's data sets ("food101", "mmimdb", "snli_ve"), or a folder made by
-            `mitp convert` / `peft_mitp.data.convert_*`.
-        data_dir: for the paper's data sets: the public distribution's folder (converted on first use into
-            `<data_dir>/mitp-prepared`), or an already converted folder.
-        max_train_samples / max_eval_samples: cap the splits (None: use everything). The defaults (8,000 training
-            questions, 1,000 evaluation questions, one epoch of batch 32) keep the offline default job within about
-            five minutes on 2 CPU cores; raise them for the full data set.
-        prompt_length, text_layers, vision_layers, num_interaction_layers, hub_dim, similarity, temperature,
-        activation, interaction, memory: the `MITPConfig` (see docs/method.md).
-        epochs, batch_size, learning_rate, weight_decay, warmup_ratio, max_steps, seed: the Trainer schedule.
-        precision: "fp32", "bf16" or "fp16" (mixed precision of the Trainer; the adapter stays float32).
-        output_dir: where the adapter, metrics, plots and checkpoints go.
-        push_to_hub: a Hub repo id to push the adapter (with its model card) to after training.
-        eval_steps: evaluate every N steps (None: once per epoch).
-        num_workers: DataLoader workers.
-    """
-
-    backbone: str = OFFLINE_BACKBONE
-    text_backbone: str | None = None
-    vision_backbone: str | None = None
-    dataset: str = "easy_vqa"
-    data_dir: str | None = None
-    max_train_samples: int | None = 8000
-    max_eval_samples: int | None = 1000
-    prompt_length: int = 8
-    text_layers: list[int] | None = None
-    vision_layers: list[int] | None = None
-    num_interaction_layers: int = 3
-    hub_dim: int = 256
-    similarity: str = "scaled_dot"
-    temperature: float | None = None
-    activation: str = "softmax"
-    interaction: bool = True
-    memory: bool = True
-    epochs: float = 1.0
-    batch_size: int = 32
-    learning_rate: float = 1e-2
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.05
-    max_steps: int = -1
-    seed: int = 0
-    precision: str = "fp32"
-    output_dir: str = "mitp-output"
-    push_to_hub: str | None = None
-    eval_steps: int | None = None
-    num_workers: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def mitp_config(self) -> MITPConfig:
-        """The adapter configuration these options describe."""
-        return MITPConfig(
-            prompt_length=self.prompt_length,
-            text_layers=self.text_layers,
-            vision_layers=self.vision_layers,
-            num_interaction_layers=self.num_interaction_layers,
-            hub_dim=self.hub_dim,
-            similarity=self.similarity,
-            temperature=self.temperature,
-            activation=self.activation,
-            interaction=self.interaction,
-            memory=self.memory,
-        )
 
 
 # ---------------------------------------------------------------------------------------------------- building

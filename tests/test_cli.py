@@ -2,20 +2,29 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
+import sys
+import typing
+from dataclasses import fields
 
 import pytest
+from conftest import run_python
 from PIL import Image
 from test_families import towers as _towers_fixture  # noqa: F401  (tiny local BERT + ViT folders)
 
+import peft_mitp
 from peft_mitp.cli import main
+from peft_mitp_cli import build_parser, flag_of
+from peft_mitp_cli.options import ACTIVATIONS, SIMILARITIES, TrainOptions
 
 SUBCOMMANDS = ["train", "evaluate", "predict", "explain", "convert"]
 
 
 def test_console_script_has_help_on_every_subcommand(capsys):
-    proc = subprocess.run(["mitp", "--help"], capture_output=True, text=True, timeout=300)  # the installed script
+    # `python -m peft_mitp_cli` is what the `mitp` script runs (pyproject: mitp = "peft_mitp_cli:main").
+    proc = subprocess.run([sys.executable, "-m", "peft_mitp_cli", "--help"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "usage: mitp" in proc.stdout and all(name in proc.stdout for name in SUBCOMMANDS)
     for name in SUBCOMMANDS:
@@ -23,6 +32,56 @@ def test_console_script_has_help_on_every_subcommand(capsys):
             main([name, "--help"])
         assert exit_info.value.code == 0
         assert f"usage: mitp {name}" in capsys.readouterr().out
+
+
+def test_help_answers_without_importing_torch_transformers_or_peft(tmp_path):
+    code = (
+        "import contextlib, io, sys\n"
+        "import peft_mitp_cli\n"
+        "for argv in (['--help'], ['train', '--help'], ['evaluate', '--help']):\n"
+        "    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+        "        peft_mitp_cli.main(argv)\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'peft', 'peft_mitp') if m in sys.modules))\n"
+    )
+    assert run_python(code, cwd=tmp_path).strip() == "[]"
+
+
+def _train_actions() -> dict[str, argparse.Action]:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return {action.dest: action for action in sub.choices["train"]._actions}
+
+
+def test_every_train_option_has_a_flag_with_help_and_its_default():
+    actions = _train_actions()
+    for option in fields(TrainOptions):
+        if flag_of(option) is None:  # `extra`: not an option of the job
+            continue
+        action = actions.get(option.name)
+        assert action is not None, f"TrainOptions.{option.name} has no flag"
+        assert flag_of(option) in action.option_strings
+        assert action.help and "(default: " in action.help, option.name
+    assert {"warmup_ratio", "num_workers"} <= set(actions)
+
+
+def test_options_with_choices_list_them_and_agree_with_mitp_config(capsys):
+    actions = _train_actions()
+    assert actions["similarity"].choices == SIMILARITIES
+    assert actions["activation"].choices == ACTIVATIONS
+    assert actions["precision"].choices == ("fp32", "bf16", "fp16")
+    hints = typing.get_type_hints(peft_mitp.MITPConfig)
+    assert set(typing.get_args(hints["similarity"])) == set(SIMILARITIES)
+    assert set(typing.get_args(hints["activation"])) == set(ACTIVATIONS)
+    with pytest.raises(SystemExit):
+        main(["evaluate", "out", "--help"])
+    assert "{train,validation,test}" in capsys.readouterr().out
+
+
+def test_version_prints_the_package_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"mitp {peft_mitp.__version__}"
 
 
 @pytest.fixture(scope="module")
