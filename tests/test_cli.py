@@ -177,9 +177,47 @@ def test_unknown_config_keys_are_refused(tmp_path):
         main(["train", "--config", str(config)])
 
 
-def test_paper_dataset_without_data_dir_says_what_to_do(tmp_path):
-    with pytest.raises(ValueError, match="needs --data-dir"):
-        main(["train", "--dataset", "food101", "--output-dir", str(tmp_path)])
+def _one_line_error(capsys) -> str:
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    return lines[0]
+
+
+def test_paper_dataset_without_data_dir_says_what_to_do(tmp_path, capsys):
+    assert main(["train", "--dataset", "food101", "--output-dir", str(tmp_path)]) != 0
+    assert "needs --data-dir" in _one_line_error(capsys)
+    with pytest.raises(ValueError, match="needs --data-dir"):  # --debug: the real exception and its traceback
+        main(["--debug", "train", "--dataset", "food101", "--output-dir", str(tmp_path)])
+
+
+def test_unknown_split_is_one_line_naming_the_valid_splits(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["evaluate", str(tmp_path), "--split", "dev"])
+    assert exit_info.value.code != 0
+    line = _one_line_error(capsys)
+    assert "'dev'" in line and all(f"'{split}'" in line for split in ("train", "validation", "test"))
+
+
+@pytest.mark.parametrize("verb", ["evaluate", "predict", "explain"])
+def test_missing_output_folder_is_one_line_naming_the_fix(verb, tmp_path, capsys):
+    image = tmp_path / "shape.png"
+    Image.new("RGB", (64, 64), (255, 0, 0)).save(image)
+    inputs = [] if verb == "evaluate" else ["--image", str(image), "--text", "what shape?"]
+    assert main([verb, str(tmp_path / "no-such-run"), *inputs]) != 0
+    line = _one_line_error(capsys)
+    assert "no-such-run" in line and "mitp train" in line
+    (tmp_path / "empty").mkdir()
+    assert main([verb, str(tmp_path / "empty"), *inputs]) != 0
+    assert "holds no adapter" in _one_line_error(capsys)
+
+
+def test_missing_offline_extra_names_the_install_command(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "easy_vqa", None)  # what Python does for a package that is not installed
+    assert main(["train", "--max-steps", "1", "--output-dir", str(tmp_path)]) != 0
+    line = _one_line_error(capsys)
+    assert "easy_vqa" in line and 'pip install -e ".[offline]"' in line and "peft-mitp[offline]" in line
 
 
 def test_predict_without_inputs_says_what_to_give(tmp_path):
