@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from datasets import Dataset, DatasetDict
+from transformers.trainer_callback import ProgressCallback
 
 from peft_mitp_cli.options import OFFLINE_BACKBONE, TrainOptions
 
@@ -144,6 +145,53 @@ class ImageTextCollator:
 
 
 # ---------------------------------------------------------------------------------------------------- training
+def job_header(options: TrainOptions, data: DatasetDict, label_names: list[str], trainable: int, total: int) -> str:
+    """What `train` is about to do, in a few lines: data set and split sizes, backbone, parameters, device, output."""
+    if options.text_backbone and options.vision_backbone:
+        backbone = f"{options.text_backbone} (text) + {options.vision_backbone} (vision)"
+    elif options.backbone == OFFLINE_BACKBONE:
+        backbone = f"{OFFLINE_BACKBONE} (packaged all-MiniLM-L6-v2 text tower + EfficientNet-Lite0 vision tower)"
+    else:
+        backbone = options.backbone
+    splits = ", ".join(f"{split} {len(rows):,}" for split, rows in data.items())
+    device = f"cuda ({torch.cuda.get_device_name()})" if torch.cuda.is_available() else "cpu"
+    steps = (
+        f"{options.max_steps} steps" if options.max_steps > 0
+        else f"{options.epochs:g} epoch(s) of {math.ceil(len(data['train']) / options.batch_size)} steps"
+    )
+    return "\n".join([
+        f"mitp train: {options.dataset} ({splits} examples; {len(label_names)} labels)",
+        f"  backbone: {backbone}",
+        f"  parameters: {trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%)",
+        f"  schedule: {steps}, batch {options.batch_size}, learning rate {options.learning_rate:g}",
+        f"  device: {device}, torch threads: {torch.get_num_threads()}",
+        f"  output: {Path(options.output_dir).resolve()}",
+    ])
+
+
+class LabelledProgressCallback(ProgressCallback):
+    """The Trainer's progress bars with a label ("train", "evaluate validation", ...), and its logs with numbers as
+    numbers (JSON), not quoted strings. Set `.label` before an evaluation to name its bar."""
+
+    label = "evaluate"
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        super().on_train_begin(args, state, control, **kwargs)
+        if self.training_bar is not None:
+            self.training_bar.set_description("train")
+
+    def on_prediction_step(self, args: Any, state: Any, control: Any, eval_dataloader: Any = None, **kwargs: Any) -> None:
+        fresh = self.prediction_bar is None
+        super().on_prediction_step(args, state, control, eval_dataloader=eval_dataloader, **kwargs)
+        if fresh and self.prediction_bar is not None:
+            self.prediction_bar.set_description(self.label)
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+        if state.is_world_process_zero and self.training_bar is not None and logs:
+            shown = {k: float(f"{v:.4g}") if isinstance(v, float) else v for k, v in logs.items() if k != "total_flos"}
+            self.training_bar.write(json.dumps(shown))
+
+
 def train(options: TrainOptions) -> dict[str, Any]:
     """Fine-tune an MITP adapter, evaluate it, and save adapter, model card, metrics and plots.
 
@@ -165,7 +213,7 @@ def train(options: TrainOptions) -> dict[str, Any]:
     )
     model = get_peft_model(base, options.mitp_config())
     trainable, total = model.get_nb_trainable_parameters()
-    logger.info("MITP adapter: %s trainable of %s parameters", f"{trainable:,}", f"{total:,}")
+    print(job_header(options, data, label_names, trainable, total), flush=True)
 
     eval_split = "validation" if "validation" in data else "test"
     steps_per_epoch = math.ceil(len(data["train"]) / options.batch_size)
@@ -204,14 +252,21 @@ def train(options: TrainOptions) -> dict[str, Any]:
         data_collator=ImageTextCollator(processor, multi_label=multi_label),
         compute_metrics=make_compute_metrics(multi_label),
     )
-    trainer.train()
+    progress = LabelledProgressCallback()
+    if trainer.pop_callback(ProgressCallback) is not None:  # None with disable_tqdm: the Trainer prints plain logs
+        trainer.add_callback(progress)
+    training_seconds = trainer.train().metrics["train_runtime"]
+    progress.label = f"evaluate {eval_split}"
     metrics: dict[str, Any] = {f"validation_{k.removeprefix('eval_')}": v for k, v in trainer.evaluate().items()}
     if "test" in data and eval_split != "test":
+        progress.label = "evaluate test"
         test = trainer.predict(data["test"], metric_key_prefix="test")
         metrics.update(test.metrics)
         if "question_type" in data["test"].column_names and not multi_label:
             metrics.update(_per_group_accuracy(test.predictions, test.label_ids, data["test"]["question_type"]))
-    metrics["train_seconds"] = round(time.monotonic() - started, 1)
+    # Two clocks: the Trainer's training loop alone, and the whole job (data, backbone, training, evaluations).
+    metrics["training_seconds"] = round(training_seconds, 1)
+    metrics["total_seconds"] = round(time.monotonic() - started, 1)
     metrics["trainable_parameters"] = trainable
     metrics["total_parameters"] = total
 

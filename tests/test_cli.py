@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
+import re
 import subprocess
 import sys
 import typing
@@ -84,15 +87,37 @@ def test_version_prints_the_package_version(capsys):
     assert capsys.readouterr().out.strip() == f"mitp {peft_mitp.__version__}"
 
 
+TRAIN_STDOUT: dict[str, str] = {}
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    config = out / "run.yaml"
+    config = tmp_path_factory.mktemp("config") / "run.yaml"
     config.write_text("max-train-samples: 96\nmax_eval_samples: 48\nbatch_size: 16\nprompt_length: 4\n")
-    code = main(["train", "--config", str(config), "--max-steps", "4", "--num-interaction-layers", "2",
-                 "--output-dir", str(out)])
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code = main(["train", "--config", str(config), "--max-steps", "4", "--num-interaction-layers", "2",
+                     "--output-dir", str(out)])
     assert code == 0
+    TRAIN_STDOUT["text"] = stdout.getvalue()
     return out
+
+
+@pytest.mark.slow
+def test_train_prints_a_header_of_what_it_is_about_to_do(trained):
+    header = TRAIN_STDOUT["text"].split("\n{")[0]  # the metrics JSON follows the training
+    lines = header.strip().splitlines()
+    sizes = re.fullmatch(r"mitp train: easy_vqa \(train (\d+), validation (\d+), test 48 examples; 13 labels\)", lines[0])
+    assert sizes and int(sizes[1]) + int(sizes[2]) == 96, lines[0]  # 96 capped training questions, some held out
+    metrics = json.loads((trained / "metrics.json").read_text())
+    text = "\n".join(lines)
+    assert f"{metrics['trainable_parameters']:,} trainable of {metrics['total_parameters']:,}" in text
+    assert "backbone: offline" in text and "device: cpu" in text and "torch threads: " in text
+    assert f"output: {trained.resolve()}" in text
+    # Two clocks, each with a name that says what it measured, both numbers.
+    assert isinstance(metrics["training_seconds"], float) and isinstance(metrics["total_seconds"], float)
+    assert metrics["training_seconds"] <= metrics["total_seconds"] and "train_seconds" not in metrics
 
 
 @pytest.mark.slow
