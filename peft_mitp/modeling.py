@@ -174,6 +174,16 @@ class MITPForImageTextClassification(PreTrainedModel):
         self.backbone.requires_grad_(False)
         self.post_init()
 
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        """Whether activation checkpointing is on; the same as `is_activation_checkpointing`.
+
+        transformers deprecated this name (a FutureWarning on every read), but peft's `PeftModel.__init__` still
+        reads it from the model it wraps, so every `get_peft_model` / `PeftModel.from_pretrained` of this model would
+        print the warning. Answering here keeps the value and drops the warning.
+        """
+        return self.is_activation_checkpointing
+
     def _init_weights(self, module: nn.Module) -> None:
         if module is getattr(self, "classifier", None):
             nn.init.normal_(module.weight, std=0.02)

@@ -175,3 +175,18 @@ def test_trainer_learns_saves_adapter_only_checkpoints_and_resumes(tmp_path):
     for (name, a), (_, b) in zip(model.named_parameters(), resumed_model.named_parameters(), strict=True):
         if a.requires_grad:
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_building_wrapping_and_running_the_task_model_raises_no_deprecation_warning(inputs):
+    """The project's own calls (and peft's reads of the task model) must not trigger transformers' deprecations."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = make_model()
+        model(**inputs, labels=torch.tensor([0, 1, 2, 3])).loss.backward()
+        model.eval()
+        with torch.no_grad():
+            model(**inputs, output_hub_activations=True)
+    deprecations = [w for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))]
+    assert not deprecations, [f"{w.filename}:{w.lineno}: {w.message}" for w in deprecations]
