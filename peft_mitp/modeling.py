@@ -25,6 +25,7 @@ from .families import (
 from .hub import HubOutput, ModalityPresence
 from .layer import MITPLayer
 from .lockstep import run_lockstep
+from .remote import check_hub_reachable
 
 PROBLEM_TYPES = ("single_label_classification", "multi_label_classification")
 # Head size of a task model built without `num_labels` (transformers' default); an adapter resizes it.
@@ -52,10 +53,12 @@ def _attn_implementations(config: PreTrainedConfig) -> list[tuple[PreTrainedConf
 _PER_TOKEN_TEXT_INPUTS = ("attention_mask", "token_type_ids", "position_ids")
 
 _HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "subfolder", "trust_remote_code")
+_CHECKED = ("local_files_only", "cache_dir", "revision", "subfolder")  # the keywords of check_hub_reachable
 
 
 def _load_tower(name_or_path: str | os.PathLike, kind: str, kwargs: dict[str, Any]) -> PreTrainedModel:
     """One pretrained tower for `from_text_vision_pretrained`: a stand-alone encoder, or a dual encoder's tower."""
+    check_hub_reachable(name_or_path, **{k: kwargs[k] for k in _CHECKED if k in kwargs})
     config = AutoConfig.from_pretrained(name_or_path, **{k: kwargs[k] for k in _HUB_KWARGS if k in kwargs})
     # A dual-encoder checkpoint (CLIP, SigLIP, ...) brings the tower's config as a sub-config: load that tower alone.
     tower_config = getattr(config, f"{kind}_config", None)
@@ -256,12 +259,18 @@ class MITPForImageTextClassification(PreTrainedModel):
                 (a saved task model brings its own).
             **kwargs: passed to `from_pretrained` of the backbone (`dtype`, `attn_implementation`, `revision`,
                 `token`, `cache_dir`, `local_files_only`, ...).
+
+        Raises:
+            HubUnreachableError: a Hub id that is not in the local cache, and the Hub cannot be reached (at once, not
+                after huggingface_hub's retries; the message names the ways to work offline).
         """
         hub_kwargs = {
             k: kwargs[k]
             for k in ("revision", "token", "cache_dir", "local_files_only", "subfolder", "trust_remote_code")
             if k in kwargs
         }
+        if kwargs.get("config") is None:
+            check_hub_reachable(pretrained_model_name_or_path, **{k: v for k, v in hub_kwargs.items() if k in _CHECKED})
         config = kwargs.get("config") or AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
         if isinstance(config, MITPTaskConfig):
             head = {"num_labels": num_labels, "id2label": id2label, "problem_type": problem_type}

@@ -24,6 +24,7 @@ from transformers import (
 )
 
 from .families import BackboneFamily, family_for
+from .remote import check_hub_reachable
 
 _HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "subfolder", "trust_remote_code")
 # Tokenizers without a recorded limit report a huge `model_max_length`; below this it is a real limit.
@@ -191,6 +192,10 @@ def load_processor(
                     "`load_processor(name_or_path)` with that checkpoint."
                 )
 
+    checked = {k: v for k, v in hub_kwargs.items() if k in ("local_files_only", "cache_dir", "revision", "subfolder")}
+    for name in (name_or_path, *pair):
+        if name is not None:
+            check_hub_reachable(name, **checked)
     if name_or_path is not None:
         config = _backbone_config(AutoConfig.from_pretrained(name_or_path, **hub_kwargs))
         family = family_for(config.model_type)

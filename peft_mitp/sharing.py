@@ -37,6 +37,7 @@ from torch import nn
 from .card import TRAINING_INFO_FILE, read_training_info, write_model_card
 from .config import MITPConfig
 from .modeling import MITPForImageTextClassification
+from .remote import check_hub_reachable
 
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 _SAVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -273,6 +274,7 @@ def load_adapter_model(
         The `peft.PeftModel`.
 
     Raises:
+        HubUnreachableError: the adapter or its base model is a Hub id, not cached, and the Hub cannot be reached.
         TypeError: the adapter is not an MITP adapter.
         ValueError: the adapter records no base model and none was given, or the head does not fit.
     """
@@ -280,6 +282,8 @@ def load_adapter_model(
     hub_kwargs = {k: v for k, v in hub_kwargs.items() if v is not None}
     if local_files_only:
         hub_kwargs["local_files_only"] = True
+    check_hub_reachable(adapter, "adapter_config.json", local_files_only=local_files_only, cache_dir=cache_dir,
+                        revision=revision, subfolder=subfolder)
     try:
         config = PeftConfig.from_pretrained(os.fspath(adapter), **hub_kwargs)
     except ValueError as error:

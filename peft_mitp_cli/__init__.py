@@ -318,14 +318,16 @@ def user_error_message(error: BaseException) -> str | None:
     """The one-line message for an error the user can fix, or None for an error that deserves a traceback.
 
     User errors: `UsageError`, `ValueError` and `FileNotFoundError` raised while reading options, data or the
-    adapter (their messages name the fix), and a missing optional package (the message names the install command).
+    adapter (their messages name the fix), `peft_mitp.HubUnreachableError` (a `ConnectionError`: the Hub cannot be
+    reached; the message says how to work offline), and a missing optional package (the message names the install
+    command).
     """
     if isinstance(error, ModuleNotFoundError):
         if error.name not in OPTIONAL_PACKAGES:
             return None
         return (f"the optional package {error.name!r} is not installed (the offline default job needs it): "
                 f"{OPTIONAL_PACKAGES[error.name]}")
-    if isinstance(error, (UsageError, ValueError, FileNotFoundError)):
+    if isinstance(error, (UsageError, ValueError, FileNotFoundError, ConnectionError)):
         return " ".join(str(error).split())
     return None
 
