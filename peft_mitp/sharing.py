@@ -96,6 +96,19 @@ def sync_adapter_head(task_model: nn.Module, config: MITPConfig) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- saving
+def _match_config_permissions(save_directory: str | os.PathLike[str]) -> None:
+    """Give each adapter weight file in the folder the permissions of the `adapter_config.json` beside it.
+
+    safetensors writes through a private temporary file (mode 600) that it renames; every other file of the adapter
+    gets the user's umask (usually 644), so a shared adapter folder would hold weights that only the owner can read.
+    """
+    folder = Path(save_directory)
+    for weights in (*folder.glob(ADAPTER_WEIGHTS_NAME), *folder.glob(f"*/{ADAPTER_WEIGHTS_NAME}")):
+        config = weights.with_name("adapter_config.json")
+        if config.exists():
+            os.chmod(weights, config.stat().st_mode & 0o777)
+
+
 def save_adapter(
     model: PeftModel,
     save_directory: str | os.PathLike[str],
@@ -139,6 +152,7 @@ def save_adapter(
             tensors = load_file(file)
             cast = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
             save_file(cast, file, metadata={"format": "pt"})
+        _match_config_permissions(folder)
     return files
 
 
@@ -398,6 +412,9 @@ def install_hooks() -> None:
                 warnings.warn(SAFETENSORS_ONLY, UserWarning, stacklevel=2)
                 bound.arguments["safe_serialization"] = True
                 args, kwargs = bound.args[1:], bound.kwargs
+            result = peft_save(self, *args, **kwargs)
+            _match_config_permissions(save_signature.bind(self, *args, **kwargs).arguments["save_directory"])
+            return result
         return peft_save(self, *args, **kwargs)
 
     @functools.wraps(transformers_push)
