@@ -289,6 +289,9 @@ def train(options: TrainOptions) -> dict[str, Any]:
     (adapter_dir / TRAINING_INFO_FILE).write_text(json.dumps(info, indent=2))
     model.save_pretrained(adapter_dir)
     (output / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+    checkpoints = output / "checkpoints"
+    if checkpoints.is_dir() and not any(checkpoints.iterdir()):
+        checkpoints.rmdir()  # the Trainer makes it up front; keep it only when a run saved checkpoints in it
     _write_plots(trainer.state.log_history, model, data[eval_split], processor, multi_label, output)
     if options.push_to_hub:
         model.push_to_hub(options.push_to_hub)

@@ -133,6 +133,7 @@ def test_train_writes_adapter_card_metrics_and_plots(trained):
     assert {"test_accuracy_yes_no", "test_accuracy_color", "test_accuracy_shape"} <= set(metrics)
     for plot in ("training_curves.png", "hub_activations.png"):
         assert (trained / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (trained / "checkpoints").exists()  # one epoch at most: nothing checkpointed, no empty folder left
     info = json.loads((adapter / "mitp_training.json").read_text())
     assert info["dataset"] == "easy_vqa" and len(info["label_names"]) == 13
 
