@@ -292,7 +292,7 @@ def train(options: TrainOptions) -> dict[str, Any]:
     checkpoints = output / "checkpoints"
     if checkpoints.is_dir() and not any(checkpoints.iterdir()):
         checkpoints.rmdir()  # the Trainer makes it up front; keep it only when a run saved checkpoints in it
-    _write_plots(trainer.state.log_history, model, data[eval_split], processor, multi_label, output)
+    _write_plots(trainer.state.log_history, model, data[eval_split], processor, multi_label, output, label_names)
     if options.push_to_hub:
         model.push_to_hub(options.push_to_hub)
     return metrics
@@ -308,7 +308,10 @@ def _per_group_accuracy(predictions: Any, labels: Any, groups: list[str]) -> dic
     return out
 
 
-def _write_plots(log_history: list[dict], model: Any, eval_data: Dataset, processor: Any, multi_label: bool, output: Path) -> None:
+def _write_plots(
+    log_history: list[dict], model: Any, eval_data: Dataset, processor: Any, multi_label: bool, output: Path,
+    label_names: list[str],
+) -> None:
     from .plots import drawable_activations, plot_activations, plot_training_curves
 
     plot_training_curves(log_history, output / "training_curves.png")
@@ -325,7 +328,9 @@ def _write_plots(log_history: list[dict], model: Any, eval_data: Dataset, proces
             "pair)."
         )
         return
-    plot_activations(activations, output / "hub_activations.png", title=row["text"])
+    prediction = label_names[int(out.logits[0].argmax())] if not multi_label else None
+    plot_activations(activations, output / "hub_activations.png", image=row["image"].convert("RGB"), text=row["text"],
+                     prediction=prediction)
 
 
 # ---------------------------------------------------------------------------------------------------- loading back

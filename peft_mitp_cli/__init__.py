@@ -251,7 +251,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
             f"error: prediction: {label}; but this adapter has no hub activation maps to draw (it was trained without "
             "interaction, or with one interaction pair)"
         )
-    path = plot_activations(out.attentions, args.output, title=f"{args.text} -> {label}")
+    path = plot_activations(out.attentions, args.output, image=images[0], text=args.text, prediction=label)
     print(f"prediction: {label}; hub activation maps written to {path}")
     return 0
 
