@@ -83,6 +83,49 @@ def plot_training_curves(log_history: Sequence[dict], path: str | Path) -> Path:
     return path
 
 
+def plot_confusion_matrix(
+    labels: Sequence[int], predictions: Sequence[int], label_names: Sequence[str], path: str | Path,
+    title: str | None = None,
+) -> Path:
+    """A confusion matrix as a PNG: rows are the true labels, columns the predicted ones, each cell a count.
+
+    Args:
+        labels: true class ids.
+        predictions: predicted class ids, in the same order.
+        label_names: class names, in id order.
+        path: where to write the PNG.
+        title: optional figure title.
+
+    Returns:
+        The path written.
+    """
+    import numpy as np
+
+    plt = _pyplot()
+    n = len(label_names)
+    counts = np.zeros((n, n), dtype=np.int64)
+    for true, predicted in zip(labels, predictions, strict=True):
+        counts[true, predicted] += 1
+    size = max(4.0, 0.45 * n + 2.5)
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    drawn = ax.imshow(counts, cmap="Blues")
+    ax.set_xticks(range(n), label_names, rotation=60, ha="right")
+    ax.set_yticks(range(n), label_names)
+    ax.set(xlabel="predicted label", ylabel="true label", title=title or "Confusion matrix")
+    if n <= 30:
+        for i in range(n):
+            for j in range(n):
+                if counts[i, j]:
+                    ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=8,
+                            color="white" if counts[i, j] > counts.max() / 2 else "black")
+    fig.colorbar(drawn, ax=ax, label="examples")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def drawable_activations(
     activations: Sequence[tuple[torch.Tensor | None, torch.Tensor | None]] | None,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:

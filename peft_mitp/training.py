@@ -372,8 +372,26 @@ def load_trained(adapter_dir: str | Path, **from_pretrained_kwargs: Any) -> tupl
     return model, processor, info
 
 
-def evaluate_adapter(adapter_dir: str | Path, options: TrainOptions, split: str = "test") -> dict[str, float]:
-    """Metrics of a trained adapter on one split of a data set."""
+def evaluate_adapter(
+    adapter_dir: str | Path,
+    options: TrainOptions,
+    split: str = "test",
+    confusion_matrix_path: str | Path | None = None,
+) -> dict[str, Any]:
+    """Metrics of a trained adapter on one split of a data set, overall and per class (and per question type).
+
+    Args:
+        adapter_dir: the output folder of `train` (or its `adapter/` folder).
+        options: the data options (data set, caps, batch size).
+        split: "train", "validation" or "test".
+        confusion_matrix_path: where to write a confusion-matrix PNG (single-label data sets; None: none).
+
+    Returns:
+        The overall metrics (as `compute_classification_metrics`), `per_class_accuracy` and `per_class_support`
+        (label name -> accuracy on the examples of that class, and their number; for multi-label: how often that
+        label's yes/no was right), `per_question_type_accuracy` for data sets with question types (easy-VQA), and
+        `confusion_matrix` (the PNG's path) when one was written.
+    """
     from tqdm.auto import tqdm
 
     from .metrics import compute_classification_metrics
@@ -389,9 +407,37 @@ def evaluate_adapter(adapter_dir: str | Path, options: TrainOptions, split: str 
         labels.append(batch.pop("labels"))
         with torch.no_grad():
             logits.append(model(**batch).logits.float())
-    return compute_classification_metrics(
-        torch.cat(logits).numpy(), torch.cat(labels).numpy(), multi_label=multi_label
+    all_logits, all_labels = torch.cat(logits), torch.cat(labels)
+    metrics: dict[str, Any] = compute_classification_metrics(
+        all_logits.numpy(), all_labels.numpy(), multi_label=multi_label
     )
+    names = info["label_names"]
+    if multi_label:
+        right = (all_logits > 0).long() == all_labels.long()
+        metrics["per_class_accuracy"] = {name: right[:, i].float().mean().item() for i, name in enumerate(names)}
+        metrics["per_class_support"] = {name: int(all_labels[:, i].sum()) for i, name in enumerate(names)}
+        return metrics
+    predicted = all_logits.argmax(-1)
+    metrics["per_class_accuracy"], metrics["per_class_support"] = {}, {}
+    for i, name in enumerate(names):
+        of_class = all_labels == i
+        if of_class.any():
+            metrics["per_class_accuracy"][name] = (predicted[of_class] == i).float().mean().item()
+            metrics["per_class_support"][name] = int(of_class.sum())
+    if "question_type" in rows.column_names:
+        groups = rows["question_type"]
+        metrics["per_question_type_accuracy"] = {
+            group: (predicted[mask] == all_labels[mask]).float().mean().item()
+            for group in sorted(set(groups))
+            for mask in [torch.tensor([g == group for g in groups])]
+        }
+    if confusion_matrix_path is not None:
+        from .plots import plot_confusion_matrix
+
+        path = plot_confusion_matrix(all_labels.tolist(), predicted.tolist(), names, confusion_matrix_path,
+                                     title=f"{options.dataset}, {split} split ({len(rows)} examples)")
+        metrics["confusion_matrix"] = str(path)
+    return metrics
 
 
 def predict(model: Any, processor: Any, label_names: list[str], images: list[Any], texts: list[str], multi_label: bool, top_k: int = 3) -> list[list[tuple[str, float]]]:

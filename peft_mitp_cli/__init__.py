@@ -184,7 +184,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     values = {k: v for k, v in info["options"].items() if k in ("dataset", "data_dir", "seed")}
     values.update({k: v for k, v in vars(args).items() if k in {f.name for f in fields(TrainOptions)}})
     options = TrainOptions(**values)
-    metrics = evaluate_adapter(args.adapter, options, split=args.split)
+    metrics = evaluate_adapter(args.adapter, options, split=args.split,
+                               confusion_matrix_path=Path(args.adapter) / f"confusion_matrix_{args.split}.png")
     print(json.dumps(metrics, indent=2))
     return 0
 

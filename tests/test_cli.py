@@ -143,6 +143,15 @@ def test_evaluate_predict_and_explain_read_the_adapter_back(trained, tmp_path, c
     assert main(["evaluate", str(trained), "--max-eval-samples", "32", "--batch-size", "16"]) == 0
     evaluated = json.loads(capsys.readouterr().out)
     assert 0.0 <= evaluated["accuracy"] <= 1.0
+    info = json.loads((trained / "adapter" / "mitp_training.json").read_text())
+    per_class, support = evaluated["per_class_accuracy"], evaluated["per_class_support"]
+    assert set(per_class) <= set(info["label_names"]) and sum(support.values()) == 32
+    assert all(0.0 <= value <= 1.0 for value in per_class.values())
+    # Overall accuracy is the support-weighted mean of the per-class accuracies.
+    assert sum(per_class[k] * support[k] for k in per_class) / 32 == pytest.approx(evaluated["accuracy"])
+    assert set(evaluated["per_question_type_accuracy"]) <= {"yes/no", "color", "shape"}
+    matrix = trained / "confusion_matrix_test.png"
+    assert evaluated["confusion_matrix"] == str(matrix) and matrix.read_bytes()[:4] == b"\x89PNG"
 
     image = tmp_path / "shape.png"
     Image.new("RGB", (64, 64), (255, 0, 0)).save(image)
