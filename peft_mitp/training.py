@@ -21,7 +21,7 @@ from transformers.trainer_callback import ProgressCallback
 
 from peft_mitp_cli.options import OFFLINE_BACKBONE, TrainOptions
 
-from .card import TRAINING_INFO_FILE
+from .card import TRAINING_INFO_FILE, parameter_counts
 from .modeling import MITPForImageTextClassification
 from .processing import ImageTextProcessor, load_processor
 
@@ -212,7 +212,8 @@ def train(options: TrainOptions) -> dict[str, Any]:
         label_names, multi_label, options.backbone, options.text_backbone, options.vision_backbone
     )
     model = get_peft_model(base, options.mitp_config())
-    trainable, total = model.get_nb_trainable_parameters()
+    counts = parameter_counts(model)  # the model card's count (peft's total counts the replaced head twice)
+    trainable, total = counts["trainable"], counts["total"]
     print(job_header(options, data, label_names, trainable, total), flush=True)
 
     eval_split = "validation" if "validation" in data else "test"

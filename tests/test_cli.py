@@ -136,6 +136,10 @@ def test_train_writes_adapter_card_metrics_and_plots(trained):
     assert not (trained / "checkpoints").exists()  # one epoch at most: nothing checkpointed, no empty folder left
     info = json.loads((adapter / "mitp_training.json").read_text())
     assert info["dataset"] == "easy_vqa" and len(info["label_names"]) == 13
+    card = (adapter / "README.md").read_text()
+    # One parameter count, the same in metrics.json and in the card.
+    assert f"**{metrics['trainable_parameters']:,}**" in card
+    assert f"{metrics['total_parameters']:,} parameters of the whole model" in card
 
 
 @pytest.mark.slow
