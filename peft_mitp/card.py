@@ -25,6 +25,7 @@ from huggingface_hub.utils import validate_repo_id
 from torch import nn
 
 from .config import MITPConfig
+from .offline_backbone import OFFLINE_BACKBONE_NAME
 
 TRAINING_INFO_FILE = "mitp_training.json"
 """Name of the file, next to the adapter, that holds what training recorded (format: `docs/sharing.md`)."""
@@ -126,7 +127,9 @@ def parameter_counts(model: nn.Module, adapter_name: str | None = None) -> dict[
 
     adapter_name = _primary_adapter(model, adapter_name)
     counts = {"prompts": 0, "hub": 0, "head": 0}
-    for key, tensor in get_peft_model_state_dict(model, adapter_name=adapter_name).items():
+    # save_embedding_layers=False: MITP changes no vocabulary, and "auto" would ask the Hub about the base model.
+    state = get_peft_model_state_dict(model, adapter_name=adapter_name, save_embedding_layers=False)
+    for key, tensor in state.items():
         part = "hub" if "mitp_hub" in key else "prompts" if "mitp_prompt" in key else "head"
         counts[part] += tensor.numel()
     task = model.get_base_model()
@@ -224,15 +227,16 @@ def _configuration_lines(config: MITPConfig) -> list[str]:
 
 
 def _usage(repo: str, base: str | None, num_labels: int, multi_label: bool, processor: str | None) -> str:
+    """The usage section; `processor` is a Python expression that builds the processor (None: unknown)."""
     load = f"""\
         import peft_mitp  # registers MITP with peft: import it before loading any MITP adapter
 
         model = peft_mitp.load_adapter_model("{repo}")  # builds the base model with its head, then loads the adapter
         """
     processor_line = (
-        f'processor = AutoProcessor.from_pretrained("{processor}")  # the backbone\'s processor'
+        f"processor = {processor}  # the backbone's preprocessing"
         if processor
-        else "processor = ...  # the processor of the backbone this adapter was trained on"
+        else "processor = ...  # peft_mitp.load_processor(<the backbone this adapter was trained on>)"
     )
     decision = (
         "predicted = [model.config.id2label[i] for i in (logits.sigmoid()[0] > 0.5).nonzero().flatten().tolist()]"
@@ -241,13 +245,15 @@ def _usage(repo: str, base: str | None, num_labels: int, multi_label: bool, proc
     )
     classify = f"""\
         import torch
-        from transformers import AutoProcessor
+        from PIL import Image
 
         {processor_line}
-        inputs = processor(text=["the text of the pair"], images=[image], return_tensors="pt", padding=True)
+        image = Image.new("RGB", (224, 224), "white")  # your image, e.g. Image.open("photo.jpg").convert("RGB")
+        inputs = processor([image], ["the text of the pair"])
         with torch.no_grad():
             logits = model(**inputs).logits
         {decision}
+        print(predicted)
         """
     base_id = base or "<base model id or path>"
     peft_way = f"""\
@@ -271,7 +277,7 @@ def _usage(repo: str, base: str | None, num_labels: int, multi_label: bool, proc
             textwrap.dedent(load).rstrip(),
             "```",
             "",
-            "Classify an image-text pair (`image` is a PIL image):",
+            "Classify an image-text pair:",
             "",
             "```python",
             textwrap.dedent(classify).rstrip(),
@@ -284,6 +290,20 @@ def _usage(repo: str, base: str | None, num_labels: int, multi_label: bool, proc
             "```",
         ]
     )
+
+
+def _processor_expression(info: Mapping[str, Any], base: str | None, task: nn.Module) -> str | None:
+    """The `peft_mitp.load_processor(...)` call that gives this adapter's preprocessing, when the card can know it."""
+    if info.get("processor"):
+        return f'peft_mitp.load_processor("{info["processor"]}")'
+    if info.get("text_backbone") and info.get("vision_backbone"):
+        return (f'peft_mitp.load_processor(text_name_or_path="{info["text_backbone"]}", '
+                f'vision_name_or_path="{info["vision_backbone"]}")')
+    backbone_name = getattr(task.config.backbone_config, "_name_or_path", None)
+    for name in (base, backbone_name):
+        if name == OFFLINE_BACKBONE_NAME or hub_model_id(name):
+            return f'peft_mitp.load_processor("{name}")'
+    return None
 
 
 def _merge_metadata(ours: dict[str, Any], existing: ModelCard | None) -> dict[str, Any]:
@@ -448,8 +468,7 @@ def build_model_card(
                 f"| {n['trainable']:,} |"
             )
         lines.append("")
-    processor = info.get("processor") or hub_model_id(getattr(task.config.backbone_config, "_name_or_path", None))
-    lines += [_usage(repo, base, num_labels, multi_label, processor), ""]
+    lines += [_usage(repo, base, num_labels, multi_label, _processor_expression(info, base, task)), ""]
     from . import __version__
 
     lines += [

@@ -254,7 +254,9 @@ class MITPForImageTextClassification(PreTrainedModel):
         Args:
             pretrained_model_name_or_path: a Hub id or local folder holding either a saved
                 `MITPForImageTextClassification` (config `model_type` "mitp-image-text") or any supported dual
-                encoder (`"openai/clip-vit-large-patch14"`, a `VisionTextDualEncoderModel` folder, ...).
+                encoder (`"openai/clip-vit-large-patch14"`, a `VisionTextDualEncoderModel` folder, ...), or
+                `"offline"`: the packaged offline backbone (`peft_mitp.offline_backbone.build_offline_backbone()`,
+                built from installed packages without the Hub; Hub keywords are ignored for it).
             num_labels / id2label / problem_type / classifier_dropout: the head, for a dual-encoder checkpoint
                 (a saved task model brings its own).
             **kwargs: passed to `from_pretrained` of the backbone (`dtype`, `attn_implementation`, `revision`,
@@ -269,18 +271,29 @@ class MITPForImageTextClassification(PreTrainedModel):
             for k in ("revision", "token", "cache_dir", "local_files_only", "subfolder", "trust_remote_code")
             if k in kwargs
         }
-        if kwargs.get("config") is None:
-            check_hub_reachable(pretrained_model_name_or_path, **{k: v for k, v in hub_kwargs.items() if k in _CHECKED})
-        config = kwargs.get("config") or AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
-        if isinstance(config, MITPTaskConfig):
-            head = {"num_labels": num_labels, "id2label": id2label, "problem_type": problem_type}
-            for key, value in head.items():
-                if value is not None:
-                    kwargs[key] = value
-            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-        family_for(config.model_type)
-        kwargs.pop("config", None)
-        backbone = AutoModel.from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
+        from .offline_backbone import build_offline_backbone, is_offline_backbone_name
+
+        if kwargs.get("config") is None and is_offline_backbone_name(pretrained_model_name_or_path):
+            # The packaged offline backbone: built from installed packages, never looked up on the Hub.
+            backbone = build_offline_backbone()
+            if kwargs.get("dtype") not in (None, "auto"):
+                dtype = kwargs["dtype"]
+                backbone.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+        else:
+            if kwargs.get("config") is None:
+                check_hub_reachable(
+                    pretrained_model_name_or_path, **{k: v for k, v in hub_kwargs.items() if k in _CHECKED}
+                )
+            config = kwargs.get("config") or AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+            if isinstance(config, MITPTaskConfig):
+                head = {"num_labels": num_labels, "id2label": id2label, "problem_type": problem_type}
+                for key, value in head.items():
+                    if value is not None:
+                        kwargs[key] = value
+                return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+            family_for(config.model_type)
+            kwargs.pop("config", None)
+            backbone = AutoModel.from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
         # No head size given: build a placeholder head that the MITP adapter loaded next sizes from what it recorded
         # (`PeftModel.from_pretrained`, `AutoPeftModel`); `get_peft_model` refuses it (docs/sharing.md).
         pending = num_labels is None and id2label is None

@@ -412,6 +412,10 @@ def install_hooks() -> None:
                 warnings.warn(SAFETENSORS_ONLY, UserWarning, stacklevel=2)
                 bound.arguments["safe_serialization"] = True
                 args, kwargs = bound.args[1:], bound.kwargs
+            if "save_embedding_layers" not in bound.arguments:
+                # MITP never changes a vocabulary. peft's "auto" asks the Hub whether the base model's config.json
+                # exists (a request on every save, and two warnings for a base that is not on the Hub: "offline").
+                kwargs = {**kwargs, "save_embedding_layers": False}
             result = peft_save(self, *args, **kwargs)
             _match_config_permissions(save_signature.bind(self, *args, **kwargs).arguments["save_directory"])
             return result

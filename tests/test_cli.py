@@ -143,6 +143,22 @@ def test_train_writes_adapter_card_metrics_and_plots(trained):
 
 
 @pytest.mark.slow
+def test_the_cards_code_blocks_run_as_written_for_the_offline_adapter(trained, tmp_path):
+    """The adapter of the offline default job names its base model ("offline"), which every loader resolves."""
+    adapter = trained / "adapter"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "offline"
+    card = (adapter / "README.md").read_text()
+    blocks = re.findall(r"^```python\n(.*?)^```$", card, flags=re.M | re.S)
+    assert len(blocks) == 3 and 'peft_mitp.load_processor("offline")' in blocks[1]
+    # No Hub: a closed local port as its endpoint, and offline mode off, so nothing may even try it.
+    out = run_python("\n".join(blocks) + "\nprint('predicted:', predicted)\n", cwd=tmp_path,
+                     env={"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"})
+    info = json.loads((adapter / "mitp_training.json").read_text())
+    assert out.strip().splitlines()[-1].removeprefix("predicted: ") in info["label_names"]
+
+
+@pytest.mark.slow
 def test_evaluate_predict_and_explain_read_the_adapter_back(trained, tmp_path, capsys):
     assert main(["evaluate", str(trained), "--max-eval-samples", "32", "--batch-size", "16"]) == 0
     evaluated = json.loads(capsys.readouterr().out)
