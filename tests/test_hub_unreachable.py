@@ -41,3 +41,16 @@ def test_hub_id_without_network_fails_fast_with_one_clear_error(call, tmp_path):
     assert CLOSED in message and "unreachable" in message
     assert "HF_HUB_OFFLINE=1" in message and "local folder" in message and "build_offline_backbone" in message
     assert "Retrying" not in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_mitp_train_on_a_hub_backbone_without_network_ends_in_one_line(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env.update(HF_ENDPOINT=CLOSED, HF_HOME=str(tmp_path / "hf-home"), OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "peft_mitp_cli", "train", "--backbone", "openai/clip-vit-base-patch32",
+         "--max-train-samples", "64", "--max-eval-samples", "32", "--output-dir", str(tmp_path / "out")],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("mitp train: error:")]
+    assert len(errors) == 1 and "HF_HUB_OFFLINE=1" in errors[0] and "Traceback" not in proc.stderr
