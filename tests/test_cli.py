@@ -247,6 +247,12 @@ def test_paper_dataset_without_data_dir_says_what_to_do(tmp_path, capsys):
         main(["--debug", "train", "--dataset", "food101", "--output-dir", str(tmp_path)])
 
 
+def test_too_few_training_samples_is_one_line_naming_the_flag(tmp_path, capsys):
+    assert main(["train", "--max-train-samples", "16", "--output-dir", str(tmp_path)]) != 0
+    line = _one_line_error(capsys)
+    assert "16 training questions are too few" in line and "--max-train-samples" in line
+
+
 def test_unknown_split_is_one_line_naming_the_valid_splits(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["evaluate", str(tmp_path), "--split", "dev"])
