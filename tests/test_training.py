@@ -190,3 +190,18 @@ def test_building_wrapping_and_running_the_task_model_raises_no_deprecation_warn
             model(**inputs, output_hub_activations=True)
     deprecations = [w for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))]
     assert not deprecations, [f"{w.filename}:{w.lineno}: {w.message}" for w in deprecations]
+
+
+def test_training_progress_is_labelled_and_logs_numbers_as_numbers(capsys):
+    from transformers import TrainerControl, TrainerState
+
+    from peft_mitp.training import LabelledProgressCallback
+
+    progress, state = LabelledProgressCallback(), TrainerState(max_steps=2, is_world_process_zero=True)
+    progress.on_train_begin(None, state, TrainerControl())
+    assert progress.training_bar.desc.startswith("train")
+    progress.on_log(None, state, TrainerControl(), logs={"loss": 0.123456, "learning_rate": 0.001, "epoch": 1,
+                                                          "total_flos": 3.0})
+    progress.on_train_end(None, state, TrainerControl())
+    logged = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert logged == {"loss": 0.1235, "learning_rate": 0.001, "epoch": 1}
