@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from conftest import clip_inputs, make_model
+from conftest import clip_inputs, make_model, tiny_clip
 from datasets import Dataset
 from transformers import Trainer, TrainingArguments
 
@@ -177,9 +177,11 @@ def test_trainer_learns_saves_adapter_only_checkpoints_and_resumes(tmp_path):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_building_wrapping_and_running_the_task_model_raises_no_deprecation_warning(inputs):
+def test_building_wrapping_and_running_the_task_model_raises_no_deprecation_warning(inputs, tmp_path):
     """The project's own calls (and peft's reads of the task model) must not trigger transformers' deprecations."""
     import warnings
+
+    from peft import PeftModel
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -188,6 +190,9 @@ def test_building_wrapping_and_running_the_task_model_raises_no_deprecation_warn
         model.eval()
         with torch.no_grad():
             model(**inputs, output_hub_activations=True)
+        model.save_pretrained(tmp_path)
+        base = peft_mitp.MITPForImageTextClassification.from_backbone(tiny_clip(), num_labels=5)
+        PeftModel.from_pretrained(base, tmp_path)  # what mitp evaluate / predict / explain do
     deprecations = [w for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))]
     assert not deprecations, [f"{w.filename}:{w.lineno}: {w.message}" for w in deprecations]
 
