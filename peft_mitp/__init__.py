@@ -21,6 +21,7 @@ from .model import MITPModel
 from .modeling import MITPForImageTextClassification, MITPTaskConfig
 from .processing import ImageTextProcessor, load_processor
 from .registration import register
+from .remote import HubUnreachableError
 from .sharing import install_hooks, load_adapter_model, push_adapter_to_hub, save_adapter
 
 register()
@@ -31,6 +32,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BackboneFamily",
     "HubOutput",
+    "HubUnreachableError",
     "ImageTextProcessor",
     "LockstepError",
     "MITPConfig",

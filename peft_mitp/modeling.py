@@ -25,6 +25,7 @@ from .families import (
 from .hub import HubOutput, ModalityPresence
 from .layer import MITPLayer
 from .lockstep import run_lockstep
+from .remote import check_hub_reachable
 
 PROBLEM_TYPES = ("single_label_classification", "multi_label_classification")
 # Head size of a task model built without `num_labels` (transformers' default); an adapter resizes it.
@@ -52,10 +53,12 @@ def _attn_implementations(config: PreTrainedConfig) -> list[tuple[PreTrainedConf
 _PER_TOKEN_TEXT_INPUTS = ("attention_mask", "token_type_ids", "position_ids")
 
 _HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "subfolder", "trust_remote_code")
+_CHECKED = ("local_files_only", "cache_dir", "revision", "subfolder")  # the keywords of check_hub_reachable
 
 
 def _load_tower(name_or_path: str | os.PathLike, kind: str, kwargs: dict[str, Any]) -> PreTrainedModel:
     """One pretrained tower for `from_text_vision_pretrained`: a stand-alone encoder, or a dual encoder's tower."""
+    check_hub_reachable(name_or_path, **{k: kwargs[k] for k in _CHECKED if k in kwargs})
     config = AutoConfig.from_pretrained(name_or_path, **{k: kwargs[k] for k in _HUB_KWARGS if k in kwargs})
     # A dual-encoder checkpoint (CLIP, SigLIP, ...) brings the tower's config as a sub-config: load that tower alone.
     tower_config = getattr(config, f"{kind}_config", None)
@@ -174,6 +177,16 @@ class MITPForImageTextClassification(PreTrainedModel):
         self.backbone.requires_grad_(False)
         self.post_init()
 
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        """Whether activation checkpointing is on; the same as `is_activation_checkpointing`.
+
+        transformers deprecated this name (a FutureWarning on every read), but peft's `PeftModel.__init__` still
+        reads it from the model it wraps, so every `get_peft_model` / `PeftModel.from_pretrained` of this model would
+        print the warning. Answering here keeps the value and drops the warning.
+        """
+        return self.is_activation_checkpointing
+
     def _init_weights(self, module: nn.Module) -> None:
         if module is getattr(self, "classifier", None):
             nn.init.normal_(module.weight, std=0.02)
@@ -241,27 +254,46 @@ class MITPForImageTextClassification(PreTrainedModel):
         Args:
             pretrained_model_name_or_path: a Hub id or local folder holding either a saved
                 `MITPForImageTextClassification` (config `model_type` "mitp-image-text") or any supported dual
-                encoder (`"openai/clip-vit-large-patch14"`, a `VisionTextDualEncoderModel` folder, ...).
+                encoder (`"openai/clip-vit-large-patch14"`, a `VisionTextDualEncoderModel` folder, ...), or
+                `"offline"`: the packaged offline backbone (`peft_mitp.offline_backbone.build_offline_backbone()`,
+                built from installed packages without the Hub; Hub keywords are ignored for it).
             num_labels / id2label / problem_type / classifier_dropout: the head, for a dual-encoder checkpoint
                 (a saved task model brings its own).
             **kwargs: passed to `from_pretrained` of the backbone (`dtype`, `attn_implementation`, `revision`,
                 `token`, `cache_dir`, `local_files_only`, ...).
+
+        Raises:
+            HubUnreachableError: a Hub id that is not in the local cache, and the Hub cannot be reached (at once, not
+                after huggingface_hub's retries; the message names the ways to work offline).
         """
         hub_kwargs = {
             k: kwargs[k]
             for k in ("revision", "token", "cache_dir", "local_files_only", "subfolder", "trust_remote_code")
             if k in kwargs
         }
-        config = kwargs.get("config") or AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
-        if isinstance(config, MITPTaskConfig):
-            head = {"num_labels": num_labels, "id2label": id2label, "problem_type": problem_type}
-            for key, value in head.items():
-                if value is not None:
-                    kwargs[key] = value
-            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-        family_for(config.model_type)
-        kwargs.pop("config", None)
-        backbone = AutoModel.from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
+        from .offline_backbone import build_offline_backbone, is_offline_backbone_name
+
+        if kwargs.get("config") is None and is_offline_backbone_name(pretrained_model_name_or_path):
+            # The packaged offline backbone: built from installed packages, never looked up on the Hub.
+            backbone = build_offline_backbone()
+            if kwargs.get("dtype") not in (None, "auto"):
+                dtype = kwargs["dtype"]
+                backbone.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+        else:
+            if kwargs.get("config") is None:
+                check_hub_reachable(
+                    pretrained_model_name_or_path, **{k: v for k, v in hub_kwargs.items() if k in _CHECKED}
+                )
+            config = kwargs.get("config") or AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+            if isinstance(config, MITPTaskConfig):
+                head = {"num_labels": num_labels, "id2label": id2label, "problem_type": problem_type}
+                for key, value in head.items():
+                    if value is not None:
+                        kwargs[key] = value
+                return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+            family_for(config.model_type)
+            kwargs.pop("config", None)
+            backbone = AutoModel.from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
         # No head size given: build a placeholder head that the MITP adapter loaded next sizes from what it recorded
         # (`PeftModel.from_pretrained`, `AutoPeftModel`); `get_peft_model` refuses it (docs/sharing.md).
         pending = num_labels is None and id2label is None

@@ -54,6 +54,7 @@ pooled features reaches 74.3% test accuracy after 400 steps of 32 (majority answ
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -407,6 +408,26 @@ def _semi_orthogonal(rows: int, cols: int, generator: torch.Generator) -> torch.
 # --------------------------------------------------------------------------------------------------
 
 
+OFFLINE_BACKBONE_NAME = "offline"
+"""The base-model name of `build_offline_backbone()` with its default options (`mitp train --backbone offline`).
+
+A backbone built with the defaults records it as its `name_or_path`, so an adapter trained on it records it as
+`base_model_name_or_path`, and `MITPForImageTextClassification.from_pretrained`, `peft_mitp.load_processor`,
+`peft_mitp.load_adapter_model` and `AutoPeftModel.from_pretrained(..., import_allowlist=["peft_mitp"])` build the
+backbone from the installed packages instead of asking the Hub. A local folder named "offline" takes precedence.
+"""
+_DEFAULT_BUILD = {"seed": 0, "image_size": 64, "stem_stage": 4, "vision_layers": "minilm", "projection": "orthogonal",
+                  "num_fit_images": 256}
+
+
+def is_offline_backbone_name(name: Any) -> bool:
+    """Whether `name` (a base-model name or path) stands for the offline backbone: `OFFLINE_BACKBONE_NAME`, and no
+    local folder of that name exists."""
+    return (
+        isinstance(name, (str, os.PathLike)) and os.fspath(name) == OFFLINE_BACKBONE_NAME and not os.path.isdir(name)
+    )
+
+
 def register_offline_backbone() -> None:
     """Register ``"mitp_convstem_vit"`` with ``AutoConfig`` / ``AutoModel`` (idempotent).
 
@@ -580,6 +601,10 @@ def build_offline_backbone(
         model.visual_projection.weight.copy_(torch.eye(config.projection_dim))
         model.text_projection.weight.copy_(torch.eye(config.projection_dim))
     model.requires_grad_(False)
+    build = {"seed": seed, "image_size": image_size, "stem_stage": stem_stage, "vision_layers": vision_layers,
+             "projection": projection, "num_fit_images": num_fit_images}
+    if build == _DEFAULT_BUILD:  # only the default build answers to the name; a variant records none
+        model.config._name_or_path = OFFLINE_BACKBONE_NAME
     return model.eval()
 
 

@@ -24,6 +24,7 @@ from transformers import (
 )
 
 from .families import BackboneFamily, family_for
+from .remote import check_hub_reachable
 
 _HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "subfolder", "trust_remote_code")
 # Tokenizers without a recorded limit report a huge `model_max_length`; below this it is a real limit.
@@ -141,7 +142,8 @@ def load_processor(
     - `name_or_path`: a dual-encoder checkpoint (`"openai/clip-vit-large-patch14"`, `"google/siglip-base-patch16-224"`,
       a `VisionTextDualEncoderModel` folder, a saved `MITPForImageTextClassification` with processor files, ...),
       loaded with `AutoProcessor`; or a model in memory (`MITPForImageTextClassification`, its `PeftModel`, or a dual
-      encoder), whose checkpoint (or, for a text + vision pair, whose towers' checkpoints) it was loaded from.
+      encoder), whose checkpoint (or, for a text + vision pair, whose towers' checkpoints) it was loaded from; or
+      `"offline"` (or a model built on it): the processor of the packaged offline backbone, without the Hub.
     - `text_name_or_path` + `vision_name_or_path`: the two checkpoints given to
       `MITPForImageTextClassification.from_text_vision_pretrained`; the text one's tokenizer and the vision one's
       image processor are joined in a `VisionTextDualEncoderProcessor`.
@@ -169,7 +171,16 @@ def load_processor(
     if name_or_path is not None and any(p is not None for p in pair):
         raise ValueError("Give either `name_or_path`, or `text_name_or_path` and `vision_name_or_path`, not both.")
 
-    if isinstance(name_or_path, PreTrainedModel) or hasattr(name_or_path, "get_base_model"):
+    from .offline_backbone import OFFLINE_BACKBONE_NAME, is_offline_backbone_name, offline_processor
+
+    in_memory = isinstance(name_or_path, PreTrainedModel) or hasattr(name_or_path, "get_base_model")
+    if in_memory and getattr(_model_config(name_or_path), "_name_or_path", None) == OFFLINE_BACKBONE_NAME:
+        name_or_path = OFFLINE_BACKBONE_NAME
+        in_memory = False
+    if is_offline_backbone_name(name_or_path):  # the packaged offline backbone: its processor ships with it
+        return ImageTextProcessor(offline_processor(), family_for("vision-text-dual-encoder"), max_length=max_length)
+
+    if in_memory:
         config = _model_config(name_or_path)
         family = family_for(config.model_type)
         if family.text.layers is None:  # towers combined from two checkpoints: ask for theirs
@@ -191,6 +202,10 @@ def load_processor(
                     "`load_processor(name_or_path)` with that checkpoint."
                 )
 
+    checked = {k: v for k, v in hub_kwargs.items() if k in ("local_files_only", "cache_dir", "revision", "subfolder")}
+    for name in (name_or_path, *pair):
+        if name is not None:
+            check_hub_reachable(name, **checked)
     if name_or_path is not None:
         config = _backbone_config(AutoConfig.from_pretrained(name_or_path, **hub_kwargs))
         family = family_for(config.model_type)

@@ -37,6 +37,7 @@ from torch import nn
 from .card import TRAINING_INFO_FILE, read_training_info, write_model_card
 from .config import MITPConfig
 from .modeling import MITPForImageTextClassification
+from .remote import check_hub_reachable
 
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 _SAVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -95,6 +96,19 @@ def sync_adapter_head(task_model: nn.Module, config: MITPConfig) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- saving
+def _match_config_permissions(save_directory: str | os.PathLike[str]) -> None:
+    """Give each adapter weight file in the folder the permissions of the `adapter_config.json` beside it.
+
+    safetensors writes through a private temporary file (mode 600) that it renames; every other file of the adapter
+    gets the user's umask (usually 644), so a shared adapter folder would hold weights that only the owner can read.
+    """
+    folder = Path(save_directory)
+    for weights in (*folder.glob(ADAPTER_WEIGHTS_NAME), *folder.glob(f"*/{ADAPTER_WEIGHTS_NAME}")):
+        config = weights.with_name("adapter_config.json")
+        if config.exists():
+            os.chmod(weights, config.stat().st_mode & 0o777)
+
+
 def save_adapter(
     model: PeftModel,
     save_directory: str | os.PathLike[str],
@@ -138,6 +152,7 @@ def save_adapter(
             tensors = load_file(file)
             cast = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
             save_file(cast, file, metadata={"format": "pt"})
+        _match_config_permissions(folder)
     return files
 
 
@@ -273,6 +288,7 @@ def load_adapter_model(
         The `peft.PeftModel`.
 
     Raises:
+        HubUnreachableError: the adapter or its base model is a Hub id, not cached, and the Hub cannot be reached.
         TypeError: the adapter is not an MITP adapter.
         ValueError: the adapter records no base model and none was given, or the head does not fit.
     """
@@ -280,6 +296,8 @@ def load_adapter_model(
     hub_kwargs = {k: v for k, v in hub_kwargs.items() if v is not None}
     if local_files_only:
         hub_kwargs["local_files_only"] = True
+    check_hub_reachable(adapter, "adapter_config.json", local_files_only=local_files_only, cache_dir=cache_dir,
+                        revision=revision, subfolder=subfolder)
     try:
         config = PeftConfig.from_pretrained(os.fspath(adapter), **hub_kwargs)
     except ValueError as error:
@@ -394,6 +412,13 @@ def install_hooks() -> None:
                 warnings.warn(SAFETENSORS_ONLY, UserWarning, stacklevel=2)
                 bound.arguments["safe_serialization"] = True
                 args, kwargs = bound.args[1:], bound.kwargs
+            if "save_embedding_layers" not in bound.arguments:
+                # MITP never changes a vocabulary. peft's "auto" asks the Hub whether the base model's config.json
+                # exists (a request on every save, and two warnings for a base that is not on the Hub: "offline").
+                kwargs = {**kwargs, "save_embedding_layers": False}
+            result = peft_save(self, *args, **kwargs)
+            _match_config_permissions(save_signature.bind(self, *args, **kwargs).arguments["save_directory"])
+            return result
         return peft_save(self, *args, **kwargs)
 
     @functools.wraps(transformers_push)

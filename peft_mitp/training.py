@@ -11,99 +11,24 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 from datasets import Dataset, DatasetDict
+from transformers.trainer_callback import ProgressCallback
 
-from .card import TRAINING_INFO_FILE
-from .config import MITPConfig
+from peft_mitp_cli.options import OFFLINE_BACKBONE, TrainOptions
+
+from .card import TRAINING_INFO_FILE, parameter_counts
 from .modeling import MITPForImageTextClassification
 from .processing import ImageTextProcessor, load_processor
 
 logger = logging.getLogger(__name__)
 
-OFFLINE_BACKBONE = "offline"
 METRICS_FILE = "metrics.json"
 ADAPTER_DIR = "adapter"
-
-
-@dataclass
-class TrainOptions:
-    """Everything `mitp train` can be told; each field is also a command-line flag and a config-file key.
-
-    Args:
-        backbone: a dual-encoder checkpoint (Hub id or folder), or "offline" for the packaged default.
-        text_backbone / vision_backbone: a separately pre-trained text encoder and vision encoder (PMF style);
-            used instead of `backbone` when both are given.
-        dataset: "easy_vqa", one of the paper's data sets ("food101", "mmimdb", "snli_ve"), or a folder made by
-            `mitp convert` / `peft_mitp.data.convert_*`.
-        data_dir: for the paper's data sets: the public distribution's folder (converted on first use into
-            `<data_dir>/mitp-prepared`), or an already converted folder.
-        max_train_samples / max_eval_samples: cap the splits (None: use everything). The defaults (8,000 training
-            questions, 1,000 evaluation questions, one epoch of batch 32) keep the offline default job within about
-            five minutes on 2 CPU cores; raise them for the full data set.
-        prompt_length, text_layers, vision_layers, num_interaction_layers, hub_dim, similarity, temperature,
-        activation, consolidation, gate_init, interaction, memory: the `MITPConfig` (see docs/method.md).
-        epochs, batch_size, learning_rate, weight_decay, warmup_ratio, max_steps, seed: the Trainer schedule.
-        precision: "fp32", "bf16" or "fp16" (mixed precision of the Trainer; the adapter stays float32).
-        output_dir: where the adapter, metrics, plots and checkpoints go.
-        push_to_hub: a Hub repo id to push the adapter (with its model card) to after training.
-        eval_steps: evaluate every N steps (None: once per epoch).
-        num_workers: DataLoader workers.
-    """
-
-    backbone: str = OFFLINE_BACKBONE
-    text_backbone: str | None = None
-    vision_backbone: str | None = None
-    dataset: str = "easy_vqa"
-    data_dir: str | None = None
-    max_train_samples: int | None = 8000
-    max_eval_samples: int | None = 1000
-    prompt_length: int = 8
-    text_layers: list[int] | None = None
-    vision_layers: list[int] | None = None
-    num_interaction_layers: int = 3
-    hub_dim: int = 256
-    similarity: str = "scaled_dot"
-    temperature: float | None = None
-    activation: str = "softmax"
-    consolidation: str = "cross"
-    gate_init: float = 0.0
-    interaction: bool = True
-    memory: bool = True
-    epochs: float = 1.0
-    batch_size: int = 32
-    learning_rate: float = 1e-2
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.05
-    max_steps: int = -1
-    seed: int = 0
-    precision: str = "fp32"
-    output_dir: str = "mitp-output"
-    push_to_hub: str | None = None
-    eval_steps: int | None = None
-    num_workers: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def mitp_config(self) -> MITPConfig:
-        """The adapter configuration these options describe."""
-        return MITPConfig(
-            prompt_length=self.prompt_length,
-            text_layers=self.text_layers,
-            vision_layers=self.vision_layers,
-            num_interaction_layers=self.num_interaction_layers,
-            hub_dim=self.hub_dim,
-            similarity=self.similarity,
-            temperature=self.temperature,
-            activation=self.activation,
-            consolidation=self.consolidation,
-            gate_init=self.gate_init,
-            interaction=self.interaction,
-            memory=self.memory,
-        )
 
 
 # ---------------------------------------------------------------------------------------------------- building
@@ -220,6 +145,53 @@ class ImageTextCollator:
 
 
 # ---------------------------------------------------------------------------------------------------- training
+def job_header(options: TrainOptions, data: DatasetDict, label_names: list[str], trainable: int, total: int) -> str:
+    """What `train` is about to do, in a few lines: data set and split sizes, backbone, parameters, device, output."""
+    if options.text_backbone and options.vision_backbone:
+        backbone = f"{options.text_backbone} (text) + {options.vision_backbone} (vision)"
+    elif options.backbone == OFFLINE_BACKBONE:
+        backbone = f"{OFFLINE_BACKBONE} (packaged all-MiniLM-L6-v2 text tower + EfficientNet-Lite0 vision tower)"
+    else:
+        backbone = options.backbone
+    splits = ", ".join(f"{split} {len(rows):,}" for split, rows in data.items())
+    device = f"cuda ({torch.cuda.get_device_name()})" if torch.cuda.is_available() else "cpu"
+    steps = (
+        f"{options.max_steps} steps" if options.max_steps > 0
+        else f"{options.epochs:g} epoch(s) of {math.ceil(len(data['train']) / options.batch_size)} steps"
+    )
+    return "\n".join([
+        f"mitp train: {options.dataset} ({splits} examples; {len(label_names)} labels)",
+        f"  backbone: {backbone}",
+        f"  parameters: {trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%)",
+        f"  schedule: {steps}, batch {options.batch_size}, learning rate {options.learning_rate:g}",
+        f"  device: {device}, torch threads: {torch.get_num_threads()}",
+        f"  output: {Path(options.output_dir).resolve()}",
+    ])
+
+
+class LabelledProgressCallback(ProgressCallback):
+    """The Trainer's progress bars with a label ("train", "evaluate validation", ...), and its logs with numbers as
+    numbers (JSON), not quoted strings. Set `.label` before an evaluation to name its bar."""
+
+    label = "evaluate"
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        super().on_train_begin(args, state, control, **kwargs)
+        if self.training_bar is not None:
+            self.training_bar.set_description("train")
+
+    def on_prediction_step(self, args: Any, state: Any, control: Any, eval_dataloader: Any = None, **kwargs: Any) -> None:
+        fresh = self.prediction_bar is None
+        super().on_prediction_step(args, state, control, eval_dataloader=eval_dataloader, **kwargs)
+        if fresh and self.prediction_bar is not None:
+            self.prediction_bar.set_description(self.label)
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+        if state.is_world_process_zero and self.training_bar is not None and logs:
+            shown = {k: float(f"{v:.4g}") if isinstance(v, float) else v for k, v in logs.items() if k != "total_flos"}
+            self.training_bar.write(json.dumps(shown))
+
+
 def train(options: TrainOptions) -> dict[str, Any]:
     """Fine-tune an MITP adapter, evaluate it, and save adapter, model card, metrics and plots.
 
@@ -240,8 +212,9 @@ def train(options: TrainOptions) -> dict[str, Any]:
         label_names, multi_label, options.backbone, options.text_backbone, options.vision_backbone
     )
     model = get_peft_model(base, options.mitp_config())
-    trainable, total = model.get_nb_trainable_parameters()
-    logger.info("MITP adapter: %s trainable of %s parameters", f"{trainable:,}", f"{total:,}")
+    counts = parameter_counts(model)  # the model card's count (peft's total counts the replaced head twice)
+    trainable, total = counts["trainable"], counts["total"]
+    print(job_header(options, data, label_names, trainable, total), flush=True)
 
     eval_split = "validation" if "validation" in data else "test"
     steps_per_epoch = math.ceil(len(data["train"]) / options.batch_size)
@@ -280,14 +253,21 @@ def train(options: TrainOptions) -> dict[str, Any]:
         data_collator=ImageTextCollator(processor, multi_label=multi_label),
         compute_metrics=make_compute_metrics(multi_label),
     )
-    trainer.train()
+    progress = LabelledProgressCallback()
+    if trainer.pop_callback(ProgressCallback) is not None:  # None with disable_tqdm: the Trainer prints plain logs
+        trainer.add_callback(progress)
+    training_seconds = trainer.train().metrics["train_runtime"]
+    progress.label = f"evaluate {eval_split}"
     metrics: dict[str, Any] = {f"validation_{k.removeprefix('eval_')}": v for k, v in trainer.evaluate().items()}
     if "test" in data and eval_split != "test":
+        progress.label = "evaluate test"
         test = trainer.predict(data["test"], metric_key_prefix="test")
         metrics.update(test.metrics)
         if "question_type" in data["test"].column_names and not multi_label:
             metrics.update(_per_group_accuracy(test.predictions, test.label_ids, data["test"]["question_type"]))
-    metrics["train_seconds"] = round(time.monotonic() - started, 1)
+    # Two clocks: the Trainer's training loop alone, and the whole job (data, backbone, training, evaluations).
+    metrics["training_seconds"] = round(training_seconds, 1)
+    metrics["total_seconds"] = round(time.monotonic() - started, 1)
     metrics["trainable_parameters"] = trainable
     metrics["total_parameters"] = total
 
@@ -304,13 +284,16 @@ def train(options: TrainOptions) -> dict[str, Any]:
         "multi_label": multi_label,
         "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
         "epochs": options.epochs,
-        "options": {k: v for k, v in asdict(options).items() if k != "extra"},
+        "options": asdict(options),
     }
     adapter_dir.mkdir(parents=True, exist_ok=True)
     (adapter_dir / TRAINING_INFO_FILE).write_text(json.dumps(info, indent=2))
     model.save_pretrained(adapter_dir)
     (output / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
-    _write_plots(trainer.state.log_history, model, data[eval_split], processor, multi_label, output)
+    checkpoints = output / "checkpoints"
+    if checkpoints.is_dir() and not any(checkpoints.iterdir()):
+        checkpoints.rmdir()  # the Trainer makes it up front; keep it only when a run saved checkpoints in it
+    _write_plots(trainer.state.log_history, model, data[eval_split], processor, multi_label, output, label_names)
     if options.push_to_hub:
         model.push_to_hub(options.push_to_hub)
     return metrics
@@ -326,7 +309,10 @@ def _per_group_accuracy(predictions: Any, labels: Any, groups: list[str]) -> dic
     return out
 
 
-def _write_plots(log_history: list[dict], model: Any, eval_data: Dataset, processor: Any, multi_label: bool, output: Path) -> None:
+def _write_plots(
+    log_history: list[dict], model: Any, eval_data: Dataset, processor: Any, multi_label: bool, output: Path,
+    label_names: list[str],
+) -> None:
     from .plots import drawable_activations, plot_activations, plot_training_curves
 
     plot_training_curves(log_history, output / "training_curves.png")
@@ -343,7 +329,9 @@ def _write_plots(log_history: list[dict], model: Any, eval_data: Dataset, proces
             "pair)."
         )
         return
-    plot_activations(activations, output / "hub_activations.png", title=row["text"])
+    prediction = label_names[int(out.logits[0].argmax())] if not multi_label else None
+    plot_activations(activations, output / "hub_activations.png", image=row["image"].convert("RGB"), text=row["text"],
+                     prediction=prediction)
 
 
 # ---------------------------------------------------------------------------------------------------- loading back
@@ -385,8 +373,26 @@ def load_trained(adapter_dir: str | Path, **from_pretrained_kwargs: Any) -> tupl
     return model, processor, info
 
 
-def evaluate_adapter(adapter_dir: str | Path, options: TrainOptions, split: str = "test") -> dict[str, float]:
-    """Metrics of a trained adapter on one split of a data set."""
+def evaluate_adapter(
+    adapter_dir: str | Path,
+    options: TrainOptions,
+    split: str = "test",
+    confusion_matrix_path: str | Path | None = None,
+) -> dict[str, Any]:
+    """Metrics of a trained adapter on one split of a data set, overall and per class (and per question type).
+
+    Args:
+        adapter_dir: the output folder of `train` (or its `adapter/` folder).
+        options: the data options (data set, caps, batch size).
+        split: "train", "validation" or "test".
+        confusion_matrix_path: where to write a confusion-matrix PNG (single-label data sets; None: none).
+
+    Returns:
+        The overall metrics (as `compute_classification_metrics`), `per_class_accuracy` and `per_class_support`
+        (label name -> accuracy on the examples of that class, and their number; for multi-label: how often that
+        label's yes/no was right), `per_question_type_accuracy` for data sets with question types (easy-VQA), and
+        `confusion_matrix` (the PNG's path) when one was written.
+    """
     from tqdm.auto import tqdm
 
     from .metrics import compute_classification_metrics
@@ -402,9 +408,37 @@ def evaluate_adapter(adapter_dir: str | Path, options: TrainOptions, split: str 
         labels.append(batch.pop("labels"))
         with torch.no_grad():
             logits.append(model(**batch).logits.float())
-    return compute_classification_metrics(
-        torch.cat(logits).numpy(), torch.cat(labels).numpy(), multi_label=multi_label
+    all_logits, all_labels = torch.cat(logits), torch.cat(labels)
+    metrics: dict[str, Any] = compute_classification_metrics(
+        all_logits.numpy(), all_labels.numpy(), multi_label=multi_label
     )
+    names = info["label_names"]
+    if multi_label:
+        right = (all_logits > 0).long() == all_labels.long()
+        metrics["per_class_accuracy"] = {name: right[:, i].float().mean().item() for i, name in enumerate(names)}
+        metrics["per_class_support"] = {name: int(all_labels[:, i].sum()) for i, name in enumerate(names)}
+        return metrics
+    predicted = all_logits.argmax(-1)
+    metrics["per_class_accuracy"], metrics["per_class_support"] = {}, {}
+    for i, name in enumerate(names):
+        of_class = all_labels == i
+        if of_class.any():
+            metrics["per_class_accuracy"][name] = (predicted[of_class] == i).float().mean().item()
+            metrics["per_class_support"][name] = int(of_class.sum())
+    if "question_type" in rows.column_names:
+        groups = rows["question_type"]
+        metrics["per_question_type_accuracy"] = {
+            group: (predicted[mask] == all_labels[mask]).float().mean().item()
+            for group in sorted(set(groups))
+            for mask in [torch.tensor([g == group for g in groups])]
+        }
+    if confusion_matrix_path is not None:
+        from .plots import plot_confusion_matrix
+
+        path = plot_confusion_matrix(all_labels.tolist(), predicted.tolist(), names, confusion_matrix_path,
+                                     title=f"{options.dataset}, {split} split ({len(rows)} examples)")
+        metrics["confusion_matrix"] = str(path)
+    return metrics
 
 
 def predict(model: Any, processor: Any, label_names: list[str], images: list[Any], texts: list[str], multi_label: bool, top_k: int = 3) -> list[list[tuple[str, float]]]:

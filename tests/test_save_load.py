@@ -258,3 +258,12 @@ def test_multi_label_loss_is_bce_and_label_shapes_are_checked(inputs):
         single(**inputs, labels=labels)
     with pytest.raises(ValueError, match=r"must lie in 0..2"):
         single(**inputs, labels=torch.tensor([0, 1, 2, 3]))
+
+
+def test_adapter_weights_are_written_with_the_same_permissions_as_the_other_files(tmp_path):
+    model = _trained(steps=0)
+    model.save_pretrained(tmp_path / "plain")
+    peft_mitp.save_adapter(model, tmp_path / "bf16")
+    for folder in (tmp_path / "plain", tmp_path / "bf16"):
+        config_mode = (folder / "adapter_config.json").stat().st_mode & 0o777
+        assert (folder / "adapter_model.safetensors").stat().st_mode & 0o777 == config_mode, folder.name

@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from conftest import clip_inputs, make_model
+from conftest import clip_inputs, make_model, tiny_clip
 from datasets import Dataset
 from transformers import Trainer, TrainingArguments
 
@@ -175,3 +175,38 @@ def test_trainer_learns_saves_adapter_only_checkpoints_and_resumes(tmp_path):
     for (name, a), (_, b) in zip(model.named_parameters(), resumed_model.named_parameters(), strict=True):
         if a.requires_grad:
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_building_wrapping_and_running_the_task_model_raises_no_deprecation_warning(inputs, tmp_path):
+    """The project's own calls (and peft's reads of the task model) must not trigger transformers' deprecations."""
+    import warnings
+
+    from peft import PeftModel
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = make_model()
+        model(**inputs, labels=torch.tensor([0, 1, 2, 3])).loss.backward()
+        model.eval()
+        with torch.no_grad():
+            model(**inputs, output_hub_activations=True)
+        model.save_pretrained(tmp_path)
+        base = peft_mitp.MITPForImageTextClassification.from_backbone(tiny_clip(), num_labels=5)
+        PeftModel.from_pretrained(base, tmp_path)  # what mitp evaluate / predict / explain do
+    deprecations = [w for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))]
+    assert not deprecations, [f"{w.filename}:{w.lineno}: {w.message}" for w in deprecations]
+
+
+def test_training_progress_is_labelled_and_logs_numbers_as_numbers(capsys):
+    from transformers import TrainerControl, TrainerState
+
+    from peft_mitp.training import LabelledProgressCallback
+
+    progress, state = LabelledProgressCallback(), TrainerState(max_steps=2, is_world_process_zero=True)
+    progress.on_train_begin(None, state, TrainerControl())
+    assert progress.training_bar.desc.startswith("train")
+    progress.on_log(None, state, TrainerControl(), logs={"loss": 0.123456, "learning_rate": 0.001, "epoch": 1,
+                                                          "total_flos": 3.0})
+    progress.on_train_end(None, state, TrainerControl())
+    logged = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert logged == {"loss": 0.1235, "learning_rate": 0.001, "epoch": 1}

@@ -53,6 +53,12 @@ def _validation_mask(labels: np.ndarray, groups: np.ndarray, val_fraction: float
     with warnings.catch_warnings():
         # Small subsamples have answers rarer than n_splits; sklearn warns, the split is still fine.
         warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
+        if np.unique(labels, return_counts=True)[1].max() < n_splits:  # sklearn's own error does not say why
+            raise ValueError(
+                f"{len(labels)} training questions are too few to hold out a stratified validation split of "
+                f"{val_fraction:.0%} (no answer occurs {n_splits} times): use more (`max_train` / mitp train's "
+                "--max-train-samples; 64 or more)."
+            )
         _, val_idx = next(splitter.split(np.zeros(len(labels)), labels, groups))
     mask = np.zeros(len(labels), dtype=bool)
     mask[val_idx] = True
