@@ -291,10 +291,12 @@ class MemoryHub(nn.Module):
                 f"The text tower has batch size {text_readout.shape[0]} but the vision tower has "
                 f"{vision_readout.shape[0]}: give as many images as texts."
             )
-        param_dtype = self.text_in.weight.dtype if self.interaction else text_readout.dtype
-        # The hub may be float32 while a bf16/fp16 backbone feeds it: compute in the hub's dtype.
-        text_readout = text_readout.to(param_dtype)
-        vision_readout = vision_readout.to(param_dtype)
+        if self.interaction:
+            # The hub may be float32 while a bf16/fp16 backbone feeds it, and with `device_map` the towers may sit on
+            # other devices than the hub: compute on the hub's device, in its dtype.
+            weight = self.text_in.weight
+            text_readout = text_readout.to(device=weight.device, dtype=weight.dtype)
+            vision_readout = vision_readout.to(device=weight.device, dtype=weight.dtype)
         text_carry = text_readout if self.memory else None
         vision_carry = vision_readout if self.memory else None
         if not self.interaction:
@@ -385,7 +387,7 @@ class MemoryHub(nn.Module):
         stand_in = self.stand_ins.readout(tower, pair, presence.batch_size)
         if readout is None:
             return stand_in
-        full = stand_in.index_put((presence.ran[tower],), readout.to(stand_in.dtype))
+        full = stand_in.index_put((presence.ran[tower],), readout.to(device=stand_in.device, dtype=stand_in.dtype))
         return torch.where(presence.kept[tower][:, None, None], full, stand_in)
 
     def fill_features(self, tower: str, features: torch.Tensor | None, presence: ModalityPresence) -> torch.Tensor:

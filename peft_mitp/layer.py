@@ -120,8 +120,9 @@ class MITPLayer(nn.Module, BaseTunerLayer):
         prompts = self.mitp_prompt[adapter]
         prompts = prompts.unsqueeze(0).expand(hidden_states.shape[0], -1, -1)
         if carry is not None:
-            prompts = prompts + carry.to(prompts.dtype)
-        prompts = prompts.to(hidden_states.dtype)
+            # The carry comes from the hub, which may live on another device or in another dtype (`device_map`).
+            prompts = prompts + carry.to(device=prompts.device, dtype=prompts.dtype)
+        prompts = prompts.to(device=hidden_states.device, dtype=hidden_states.dtype)
         seq_len, num_prompts = hidden_states.shape[1], prompts.shape[1]
 
         args, kwargs = self._name_arguments(args, kwargs)
@@ -191,6 +192,15 @@ class MITPLayer(nn.Module, BaseTunerLayer):
         if names == () or len(args) > len(names) or any(name in kwargs for name in names[: len(args)]):
             return list(args), dict(kwargs)
         return [], {**dict(zip(names, args, strict=False)), **kwargs}
+
+    def _replicate_for_data_parallel(self) -> MITPLayer:
+        # `nn.DataParallel` copies modules per device; the layers reach the hub through an unregistered reference,
+        # so every replica would run the original hub on the first device. Refuse it instead of computing wrongly.
+        raise RuntimeError(
+            "MITP does not support `torch.nn.DataParallel` (its replicas would share one memory hub on one device). "
+            "Use DistributedDataParallel: `torchrun --nproc-per-node N train.py` or `accelerate launch` "
+            "(transformers.Trainer does it for you); see docs/reliability.md."
+        )
 
     def __repr__(self) -> str:
         return "mitp." + super().__repr__()

@@ -120,3 +120,21 @@ def test_consolidation_and_gate_init_are_checked_and_saved(tmp_path):
     model.save_pretrained(tmp_path)
     loaded = peft_mitp.MITPConfig.from_pretrained(tmp_path)
     assert (loaded.consolidation, loaded.gate_init) == ("joint", 0.25)
+
+
+def test_data_parallel_replication_is_refused_with_a_pointer_to_ddp():
+    model = make_model(_config())
+    layer = next(m for m in model.modules() if type(m).__name__ == "MITPLayer")
+    with pytest.raises(RuntimeError, match="DistributedDataParallel"):
+        layer._replicate_for_data_parallel()
+
+
+def test_a_hub_in_another_dtype_than_the_towers_gives_the_towers_dtype():
+    model = make_model(_config(gate_init=0.5), seed=3)
+    inputs = clip_inputs(batch=2)
+    with torch.no_grad():
+        reference = model(**inputs).logits
+        model.base_model.mitp_hub["default"].double()
+        logits = model(**inputs).logits
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, reference, atol=1e-5, rtol=1e-5)
