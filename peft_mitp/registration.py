@@ -6,6 +6,8 @@ The plugin fills peft's lookup tables itself, keyed by `MITPPeftType.MITP` (a `s
 
 from __future__ import annotations
 
+import warnings
+
 from peft import mapping as peft_mapping
 
 from .config import MITPConfig, MITPPeftType
@@ -20,9 +22,20 @@ def register() -> None:
     After this, `get_peft_model`, `PeftConfig.from_pretrained`, `PeftModel.from_pretrained` and
     `AutoPeftModel.from_pretrained` understand `"peft_type": "MITP"`. `import peft_mitp` calls it.
 
+    Warns (`UserWarning`) when a private peft / transformers name MITP relies on has moved
+    (`peft_mitp.internals.missing_internals`): MITP would then misbehave in the way the warning names.
+
     Raises:
         RuntimeError: another method already uses the prefix `mitp_` or the type `MITP`.
     """
+    from .internals import missing_internals
+
+    for problem in missing_internals():
+        warnings.warn(
+            f"peft_mitp depends on a private name that this peft / transformers release changed: {problem}. "
+            "Install the versions pinned in peft_mitp's pyproject.toml, or a peft_mitp release made for yours.",
+            stacklevel=2,
+        )
     registered_config = peft_mapping.PEFT_TYPE_TO_CONFIG_MAPPING.get(MITPPeftType.MITP)
     if registered_config is MITPConfig and peft_mapping.PEFT_TYPE_TO_TUNER_MAPPING.get(MITPPeftType.MITP) is MITPModel:
         return

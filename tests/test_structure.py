@@ -43,3 +43,42 @@ def test_package_modules_import_each_other_without_a_circle():
 
 def test_the_config_imports_nothing_of_the_tuner_or_the_task_model():
     assert _internal_imports()["peft_mitp.config"] <= {"peft_mitp.adapter_files"}
+
+
+def test_every_private_peft_name_mitp_relies_on_is_still_there():
+    from peft_mitp.internals import missing_internals
+
+    assert missing_internals() == []
+
+
+def test_a_moved_private_name_is_reported_with_what_mitp_uses_it_for():
+    from peft_mitp.internals import Internal, missing_internals
+
+    problems = missing_internals(
+        (
+            Internal("peft.tuners.tuners_utils:BaseTuner", "_renamed_in_a_future_release", (), "the hub's dtype"),
+            Internal("peft.config:PeftConfig", "_split_kwargs", ("a_new_parameter",), "Hub keywords"),
+            Internal("peft.no_such_module:Thing", "x", (), "nothing"),
+        )
+    )
+    assert len(problems) == 3
+    assert "BaseTuner._renamed_in_a_future_release is gone" in problems[0] and "the hub's dtype" in problems[0]
+    assert "no longer takes ['a_new_parameter']" in problems[1]
+    assert "peft.no_such_module:Thing is gone" in problems[2]
+
+
+def test_private_peft_names_are_used_only_where_internals_lists_them():
+    """A new dependency on a private peft method must be added to `peft_mitp.internals.INTERNALS`."""
+    from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+
+    from peft_mitp.internals import INTERNALS
+    from peft_mitp.layer import MITPLayer
+    from peft_mitp.model import MITPModel
+
+    listed = {item.name for item in INTERNALS}
+    for ours, theirs in ((MITPModel, BaseTuner), (MITPLayer, BaseTunerLayer)):
+        overridden = {
+            name for name in vars(ours)
+            if name.startswith("_") and not name.startswith("__") and name != "_abc_impl" and hasattr(theirs, name)
+        }
+        assert overridden <= listed, f"{ours.__name__} overrides private {sorted(overridden - listed)} of peft"
