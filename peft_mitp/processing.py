@@ -202,6 +202,8 @@ def load_processor(
                     "`load_processor(name_or_path)` with that checkpoint."
                 )
 
+    if name_or_path is None and None in pair:
+        raise ValueError("Give `name_or_path`, or both `text_name_or_path` and `vision_name_or_path`.")
     checked = {k: v for k, v in hub_kwargs.items() if k in ("local_files_only", "cache_dir", "revision", "subfolder")}
     for name in (name_or_path, *pair):
         if name is not None:
@@ -218,8 +220,6 @@ def load_processor(
                 "checkpoint, or `text_name_or_path` and `vision_name_or_path`."
             ) from error
         text_config = getattr(config, "text_config", None)
-    elif None in pair:
-        raise ValueError("Give `name_or_path`, or both `text_name_or_path` and `vision_name_or_path`.")
     else:
         family = family_for("vision-text-dual-encoder")
         tokenizer = AutoTokenizer.from_pretrained(pair[0], **hub_kwargs)
