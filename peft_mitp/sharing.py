@@ -34,6 +34,7 @@ from peft import PeftConfig, PeftModel
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .adapter_files import check_adapter_weights, check_hub_weights
 from .card import TRAINING_INFO_FILE, read_training_info, write_model_card
 from .config import MITPConfig
 from .modeling import MITPForImageTextClassification
@@ -382,8 +383,10 @@ def install_hooks() -> None:
     """Make `PeftModel.save_pretrained` / `push_to_hub` write the MITP model card for MITP adapters (idempotent).
 
     Wraps `PeftModel.create_or_update_model_card`, `PeftModel.save_pretrained` (MITP adapters are always written as
-    safetensors, the only format MITP loads; `safe_serialization=False` warns) and `PeftModel.push_to_hub`; models
-    without MITP adapters keep peft's and transformers' behaviour. `import peft_mitp` calls this.
+    safetensors, the only format MITP loads; `safe_serialization=False` warns), `PeftModel.push_to_hub` and
+    `PeftModel.load_adapter` (the MITP file checks also when loading into an existing adapter name, as Trainer's
+    `resume_from_checkpoint` does); models without MITP adapters keep peft's and transformers' behaviour.
+    `import peft_mitp` calls this.
     """
     if getattr(PeftModel.create_or_update_model_card, "_mitp_hook", False):
         return
@@ -427,6 +430,26 @@ def install_hooks() -> None:
             return transformers_push(self, *args, **kwargs)
         return push_adapter_to_hub(self, **_push_arguments(push_signature, self, args, kwargs))
 
+    peft_load = PeftModel.load_adapter
+    load_signature = inspect.signature(peft_load)
+
+    @functools.wraps(peft_load)
+    def load_adapter(self: PeftModel, *args: Any, **kwargs: Any) -> Any:
+        if is_mitp_model(self):
+            # peft reads the config (where MITP checks the files) only for a new adapter name; loading into an
+            # existing one (Trainer's `resume_from_checkpoint`) would read a pickle or a gate-less hub unchecked.
+            arguments = load_signature.bind(self, *args, **kwargs).arguments
+            extra = arguments.get("kwargs", {})
+            hub = {k: extra[k] for k in ("revision", "token", "cache_dir", "local_files_only") if k in extra}
+            path = check_adapter_weights(arguments["model_id"], subfolder=extra.get("subfolder"), **hub)
+            name = arguments.get("adapter_name", "default")
+            config = self.peft_config.get(name)
+            if config is None:
+                config = MITPConfig.from_pretrained(arguments["model_id"], check_weights=False, **extra)
+            if isinstance(config, MITPConfig):
+                check_hub_weights(path, config.interaction)
+        return peft_load(self, *args, **kwargs)
+
     create_or_update_model_card._mitp_hook = True  # type: ignore[attr-defined]
     push_to_hub.__doc__ = (
         "Push the adapter to the Hub. For MITP adapters (after `import peft_mitp`) this is "
@@ -436,3 +459,4 @@ def install_hooks() -> None:
     PeftModel.create_or_update_model_card = create_or_update_model_card
     PeftModel.save_pretrained = save_pretrained
     PeftModel.push_to_hub = push_to_hub
+    PeftModel.load_adapter = load_adapter

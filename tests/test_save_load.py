@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from conftest import clip_inputs, run_python, tiny_clip
+from conftest import clip_inputs, make_model, run_python, tiny_clip
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
@@ -267,3 +267,28 @@ def test_adapter_weights_are_written_with_the_same_permissions_as_the_other_file
     for folder in (tmp_path / "plain", tmp_path / "bf16"):
         config_mode = (folder / "adapter_config.json").stat().st_mode & 0o777
         assert (folder / "adapter_model.safetensors").stat().st_mode & 0o777 == config_mode, folder.name
+
+
+def test_loading_into_an_existing_adapter_name_runs_the_mitp_file_checks(tmp_path):
+    """Trainer's `resume_from_checkpoint` calls `load_adapter(checkpoint, "default")` on the live model: peft then skips
+    the config (where MITP checks the files), so a pickled or truncated checkpoint must be refused there too."""
+    import safetensors.torch
+
+    model = make_model()
+    model.save_pretrained(tmp_path / "good")
+    model.load_adapter(str(tmp_path / "good"), "default", is_trainable=True)  # a good checkpoint still resumes
+
+    pickled = tmp_path / "pickled"
+    model.save_pretrained(pickled)
+    weights = safetensors.torch.load_file(pickled / "adapter_model.safetensors")
+    torch.save(weights, pickled / "adapter_model.bin")
+    (pickled / "adapter_model.safetensors").unlink()
+    with pytest.raises(ValueError, match="pickled"):
+        model.load_adapter(str(pickled), "default", is_trainable=True)
+
+    truncated = tmp_path / "truncated"
+    model.save_pretrained(truncated)
+    data = (truncated / "adapter_model.safetensors").read_bytes()
+    (truncated / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="not a complete safetensors file"):
+        model.load_adapter(str(truncated), "default", is_trainable=True)
