@@ -16,6 +16,7 @@ from .adapter_files import check_adapter_weights, check_hub_weights
 SIMILARITIES = ("scaled_dot", "cosine", "dot")
 ACTIVATIONS = ("softmax", "hard")
 CONSOLIDATIONS = ("cross", "joint")
+PROBLEM_TYPES = ("single_label_classification", "multi_label_classification")
 
 
 class MITPPeftType(str, enum.Enum):
@@ -222,6 +223,10 @@ class MITPConfig(PeftConfig):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"`{name}` must be a positive integer (>= 1), got {value!r}.")
+        for name in ("temperature", "prompt_init_std", "modality_dropout"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ValueError(f"`{name}` must be a number, got {value!r}.")
         if self.vision_prompt_length is not None and (
             not isinstance(self.vision_prompt_length, int) or self.vision_prompt_length < 1
         ):
@@ -255,13 +260,40 @@ class MITPConfig(PeftConfig):
             raise ValueError(f"`temperature` must be > 0 (or None for the default), got {self.temperature!r}.")
         if not self.prompt_init_std >= 0:
             raise ValueError(f"`prompt_init_std` must be >= 0, got {self.prompt_init_std!r}.")
+        for name in ("interaction", "memory", "missing_modality", "inference_mode"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"`{name}` must be True or False, got {getattr(self, name)!r}.")
+        for name in ("target_modules", "modules_to_save"):
+            value = getattr(self, name)
+            if value is not None and (
+                isinstance(value, str)
+                or not isinstance(value, (list, tuple, set))
+                or not all(isinstance(v, str) for v in value)
+            ):
+                raise ValueError(f"`{name}` must be a list of module names or None, got {value!r}.")
+        if self.backbone is not None and not isinstance(self.backbone, dict):
+            raise ValueError(
+                f"`backbone` is filled in when the adapter is created (a record of the backbone's shape), got "
+                f"{self.backbone!r}; leave it None. The checkpoint to build on is the task model's, not a config field."
+            )
+        if self.problem_type is not None and self.problem_type not in PROBLEM_TYPES:
+            raise ValueError(
+                f"`problem_type`={self.problem_type!r} is not supported; use None or one of {list(PROBLEM_TYPES)}."
+            )
         # The recorded head (docs/sharing.md); JSON turns id2label's int keys into strings.
         if self.num_labels is not None and (
             not isinstance(self.num_labels, int) or isinstance(self.num_labels, bool) or self.num_labels < 1
         ):
             raise ValueError(f"`num_labels` must be a positive integer or None, got {self.num_labels!r}.")
         if self.id2label is not None:
-            self.id2label = {int(k): str(v) for k, v in self.id2label.items()}
+            if not isinstance(self.id2label, dict):
+                raise ValueError(f"`id2label` must be a dict {{class index: name}} or None, got {self.id2label!r}.")
+            try:
+                self.id2label = {int(k): str(v) for k, v in self.id2label.items()}
+            except ValueError:
+                raise ValueError(f"`id2label` keys must be class indices, got {sorted(self.id2label)!r}.") from None
+            if self.num_labels is not None and len(self.id2label) != self.num_labels:
+                raise ValueError(f"`num_labels`={self.num_labels} but `id2label` has {len(self.id2label)} entries.")
         # Missing modalities.
         if isinstance(self.modality_dropout, bool) or not 0.0 <= self.modality_dropout <= 1.0:
             raise ValueError(f"`modality_dropout` must lie in [0, 1], got {self.modality_dropout!r}.")

@@ -14,7 +14,8 @@ import torch
 from .families import BackboneFamily, ResolvedTower
 from .hub import ModalityPresence
 
-__all__ = ["check_input_shapes", "check_label_rows", "route_inputs", "split_by_presence"]
+__all__ = ["check_head_options", "check_input_shapes", "check_input_types", "check_label_rows", "route_inputs",
+           "split_by_presence"]
 
 # Missing modalities: per tower, (the input that carries the modality, the forward's presence mask, the noun).
 _MODALITY_INPUTS = {
@@ -23,6 +24,60 @@ _MODALITY_INPUTS = {
 }
 # Text inputs with one entry per token, checked against `input_ids`' (batch, length) before the towers run.
 _PER_TOKEN_TEXT_INPUTS = ("attention_mask", "token_type_ids", "position_ids")
+
+
+_INTEGER_TEXT_INPUTS = ("input_ids", "token_type_ids", "position_ids")
+
+
+def check_head_options(
+    num_labels: Any = None, id2label: Any = None, classifier_dropout: Any = None
+) -> None:
+    """Refuse head options of the wrong type or range (`from_backbone`, `from_pretrained`, `set_head`).
+
+    Raises:
+        ValueError: naming the option, the value and what it should be.
+    """
+    if num_labels is not None and (not isinstance(num_labels, int) or isinstance(num_labels, bool) or num_labels < 1):
+        raise ValueError(f"`num_labels` must be a positive integer (the number of classes), got {num_labels!r}.")
+    if id2label is not None:
+        if not isinstance(id2label, dict) or not id2label:
+            raise ValueError(f"`id2label` must be a non-empty dict {{class index: name}}, got {id2label!r}.")
+        try:
+            keys = sorted(int(k) for k in id2label)
+        except (TypeError, ValueError):
+            raise ValueError(f"`id2label` keys must be class indices 0..N-1, got {list(id2label)!r}.") from None
+        if keys != list(range(len(keys))):
+            raise ValueError(f"`id2label` keys must be the class indices 0..{len(keys) - 1}, got {keys}.")
+    if classifier_dropout is not None and (
+        isinstance(classifier_dropout, bool)
+        or not isinstance(classifier_dropout, (int, float))
+        or not 0 <= classifier_dropout < 1
+    ):
+        raise ValueError(f"`classifier_dropout` must be a number in [0, 1), got {classifier_dropout!r}.")
+
+
+def check_input_types(text_inputs: dict[str, Any], vision_inputs: dict[str, Any]) -> None:
+    """Refuse inputs that are not tensors of the kind the towers take, naming the input and the fix.
+
+    Token ids, segment ids and positions must be integer tensors; `pixel_values` a floating-point tensor (what the
+    image processor returns: raw 0-255 integer pixels would be read as huge values); every other tensor input a tensor.
+    """
+    for inputs in (text_inputs, vision_inputs):
+        for name, value in inputs.items():
+            if isinstance(value, bool) or name == "interpolate_pos_encoding":
+                continue
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(
+                    f"`{name}` must be a torch tensor, got {type(value).__name__}. Call the processor with "
+                    "`return_tensors='pt'` (or `torch.as_tensor(...)`)."
+                )
+            if name in _INTEGER_TEXT_INPUTS and (value.is_floating_point() or value.is_complex()):
+                raise TypeError(f"`{name}` must hold integers (token ids / positions), got dtype {value.dtype}.")
+            if name == "pixel_values" and not value.is_floating_point():
+                raise TypeError(
+                    f"`pixel_values` must be a floating-point tensor as the image processor returns it (normalised "
+                    f"pixels), got dtype {value.dtype}. Run the images through the backbone's image processor."
+                )
 
 
 def check_input_shapes(
@@ -104,6 +159,13 @@ def check_input_shapes(
                     "return_tensors='pt')`)."
                 )
         text_config = towers["text"].module.config
+        vocab = getattr(text_config, "vocab_size", None)
+        if isinstance(vocab, int) and input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= vocab):
+            raise ValueError(
+                f"`input_ids` holds token ids {int(input_ids.min())}..{int(input_ids.max())}, but the {family.name} "
+                f"text tower's vocabulary has {vocab} (ids 0..{vocab - 1}, its config's `vocab_size`). Tokenize with "
+                "this backbone's own tokenizer (`peft_mitp.load_processor`)."
+            )
         limit = getattr(text_config, "max_position_embeddings", None)
         absolute = getattr(text_config, "position_embedding_type", "absolute") == "absolute"
         if isinstance(limit, int) and absolute and input_ids.shape[1] > limit:

@@ -13,6 +13,7 @@ from transformers.configuration_utils import SubConfigSpec
 from transformers.modeling_outputs import SequenceClassifierOutput
 from transformers.utils import logging
 
+from .config import PROBLEM_TYPES
 from .families import (
     BackboneFamily,
     ResolvedTower,
@@ -23,12 +24,18 @@ from .families import (
     tower_layers_path,
 )
 from .hub import HubOutput
-from .inputs import check_input_shapes, check_label_rows, route_inputs, split_by_presence
+from .inputs import (
+    check_head_options,
+    check_input_shapes,
+    check_input_types,
+    check_label_rows,
+    route_inputs,
+    split_by_presence,
+)
 from .layer import MITPLayer
 from .lockstep import run_lockstep
 from .remote import check_hub_reachable
 
-PROBLEM_TYPES = ("single_label_classification", "multi_label_classification")
 # Head size of a task model built without `num_labels` (transformers' default); an adapter resizes it.
 _PLACEHOLDER_LABELS = 2
 
@@ -207,7 +214,13 @@ class MITPForImageTextClassification(PreTrainedModel):
                 "multi_label_classification" (BCE-with-logits, labels as 0/1 float vectors).
             classifier_dropout: dropout before the head.
         """
+        if not isinstance(backbone, PreTrainedModel):
+            raise TypeError(
+                f"`backbone` must be a transformers model (e.g. a `CLIPModel`), got {type(backbone).__name__}. To "
+                "load a checkpoint by name use `MITPForImageTextClassification.from_pretrained(name, num_labels=...)`."
+            )
         family_for(backbone.config.model_type)  # fail early with the list of supported families
+        check_head_options(num_labels, id2label, classifier_dropout)
         if num_labels is None and id2label is None:
             raise ValueError("Give `num_labels` (the number of classes) or `id2label`.")
         attn_before = _attn_implementations(backbone.config)
@@ -260,6 +273,7 @@ class MITPForImageTextClassification(PreTrainedModel):
             HubUnreachableError: a Hub id that is not in the local cache, and the Hub cannot be reached (at once, not
                 after huggingface_hub's retries; the message names the ways to work offline).
         """
+        check_head_options(num_labels, id2label, classifier_dropout)
         hub_kwargs = {
             k: kwargs[k]
             for k in ("revision", "token", "cache_dir", "local_files_only", "subfolder", "trust_remote_code")
@@ -389,6 +403,7 @@ class MITPForImageTextClassification(PreTrainedModel):
             ValueError: neither `num_labels` nor `id2label`, a mismatch between them, or an unknown `problem_type`.
             RuntimeError: an adapter already wraps the head (peft keeps one copy per adapter); call it before.
         """
+        check_head_options(num_labels, id2label)
         if id2label is not None:
             id2label = {int(k): v for k, v in id2label.items()}
             if num_labels is not None and num_labels != len(id2label):
@@ -480,6 +495,7 @@ class MITPForImageTextClassification(PreTrainedModel):
         """
         masks = {"text": inputs.pop("text_present", None), "vision": inputs.pop("image_present", None)}
         text_inputs, vision_inputs = route_inputs(self.family, inputs, type(self).__name__)
+        check_input_types(text_inputs, vision_inputs)
         check_input_shapes(self.family, self.mitp_towers(), text_inputs, vision_inputs)
         routed, presence = split_by_presence(
             {"text": text_inputs, "vision": vision_inputs}, masks, self.classifier.weight.device
@@ -553,6 +569,8 @@ class MITPForImageTextClassification(PreTrainedModel):
             `SequenceClassifierOutput` with `loss` (when labels are given) and `logits` (B, num_labels).
         """
         kwargs.pop("num_items_in_batch", None)
+        if not isinstance(output_hub_activations, bool):
+            raise TypeError(f"`output_hub_activations` must be True or False, got {output_hub_activations!r}.")
         kwargs.pop("return_dict", None)
         check_label_rows(labels, input_ids, pixel_values, image_present, text_present)
         text, image, hub_outputs = self.pooled_features(

@@ -435,19 +435,15 @@ def install_hooks() -> None:
 
     @functools.wraps(peft_load)
     def load_adapter(self: PeftModel, *args: Any, **kwargs: Any) -> Any:
-        if is_mitp_model(self):
+        arguments = load_signature.bind(self, *args, **kwargs).arguments
+        config = self.peft_config.get(arguments["adapter_name"])
+        if is_mitp_model(self) and isinstance(config, MITPConfig):
             # peft reads the config (where MITP checks the files) only for a new adapter name; loading into an
             # existing one (Trainer's `resume_from_checkpoint`) would read a pickle or a gate-less hub unchecked.
-            arguments = load_signature.bind(self, *args, **kwargs).arguments
             extra = arguments.get("kwargs", {})
             hub = {k: extra[k] for k in ("revision", "token", "cache_dir", "local_files_only") if k in extra}
             path = check_adapter_weights(arguments["model_id"], subfolder=extra.get("subfolder"), **hub)
-            name = arguments.get("adapter_name", "default")
-            config = self.peft_config.get(name)
-            if config is None:
-                config = MITPConfig.from_pretrained(arguments["model_id"], check_weights=False, **extra)
-            if isinstance(config, MITPConfig):
-                check_hub_weights(path, config.interaction)
+            check_hub_weights(path, config.interaction)
         return peft_load(self, *args, **kwargs)
 
     create_or_update_model_card._mitp_hook = True  # type: ignore[attr-defined]

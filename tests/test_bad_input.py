@@ -430,3 +430,72 @@ def test_the_package_never_unpickles_or_trusts_remote_code():
     assert len(files) > 5
     found = {str(f.relative_to(PACKAGE)): _unsafe_calls(ast.parse(f.read_text(), str(f))) for f in files}
     assert {name: calls for name, calls in found.items() if calls} == {}
+
+
+# ---- Every argument, every kind of bad value: a clear error naming the argument, before any compute -----------------
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("temperature", "warm"), ("prompt_init_std", "x"), ("modality_dropout", "x"), ("interaction", "yes"),
+        ("interaction", 0), ("memory", "no"), ("missing_modality", "x"), ("inference_mode", "x"),
+        ("id2label", "cats"), ("id2label", {"a": "cat"}), ("problem_type", "regression"), ("modules_to_save", "classifier"),
+        ("modules_to_save", 3), ("target_modules", 3), ("backbone", "offline"), ("gate_init", float("nan")),
+        ("consolidation", "both"),
+    ],
+)
+def test_every_bad_adapter_option_is_refused_naming_it(field, value):
+    with pytest.raises(ValueError, match=f"`{field}`"):
+        peft_mitp.MITPConfig(**{field: value})
+
+
+def test_num_labels_and_id2label_must_agree_in_the_adapter_config():
+    with pytest.raises(ValueError, match="`num_labels`=3 but `id2label` has 1"):
+        peft_mitp.MITPConfig(num_labels=3, id2label={0: "a"})
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"num_labels": 0}, {"num_labels": "3"}, {"num_labels": 2.5}, {"num_labels": True},
+        {"id2label": {1: "a", 2: "b"}}, {"id2label": {}}, {"num_labels": 3, "classifier_dropout": 1.5},
+        {"num_labels": 3, "classifier_dropout": "x"},
+    ],
+)
+def test_every_bad_head_option_is_refused_by_from_backbone_and_set_head(options):
+    name = next(k for k in options if k != "num_labels" or len(options) == 1)
+    with pytest.raises(ValueError, match=f"`{name}`"):
+        MITPForImageTextClassification.from_backbone(tiny_clip(), **options)
+    head_options = {k: v for k, v in options.items() if k != "classifier_dropout"}
+    if name != "classifier_dropout":
+        model = MITPForImageTextClassification.from_backbone(tiny_clip(), num_labels=4)
+        with pytest.raises(ValueError, match=f"`{name}`"):
+            model.set_head(**head_options)
+        assert model.classifier.out_features == 4  # nothing was changed
+
+
+def test_from_backbone_refuses_what_is_not_a_model():
+    with pytest.raises(TypeError, match="from_pretrained"):
+        MITPForImageTextClassification.from_backbone("openai/clip-vit-base-patch32", num_labels=3)
+
+
+@pytest.mark.parametrize(
+    ("name", "make", "error", "match"),
+    [
+        ("input_ids", lambda x: x["input_ids"].float(), TypeError, "must hold integers"),
+        ("input_ids", lambda x: x["input_ids"].tolist(), TypeError, "return_tensors='pt'"),
+        ("input_ids", lambda x: x["input_ids"] + 1000, ValueError, "vocab_size"),
+        ("pixel_values", lambda x: (x["pixel_values"] * 255).long(), TypeError, "floating-point"),
+        ("pixel_values", lambda x: x["pixel_values"].numpy(), TypeError, "return_tensors='pt'"),
+        ("output_hub_activations", lambda x: "yes", TypeError, "True or False"),
+    ],
+)
+def test_every_bad_forward_input_is_refused_before_the_towers_run(name, make, error, match):
+    model = make_model()
+    inputs = clip_inputs()
+    calls = []
+    layer = model.base_model.model.backbone.text_model.encoder.layers[0]
+    handle = layer.register_forward_pre_hook(lambda *a: calls.append(1))
+    with pytest.raises(error, match=match):
+        model(**{**inputs, name: make(inputs)})
+    handle.remove()
+    assert calls == []  # nothing ran
