@@ -407,3 +407,48 @@ def test_torch_threads_sets_the_count_inside_and_restores_it_after_an_error():
     assert torch.get_num_threads() == before
     with harness.torch_threads(None):  # None leaves the count alone
         assert torch.get_num_threads() == before
+
+
+@pytest.mark.slow
+def test_fair_run_chooses_each_rate_on_validation_and_reports_test_at_it(tmp_path):
+    from benchmarks import fair
+
+    fair.main(["--methods", "lora", "--steps", "1", "--max-train", "120",
+               "--max-test", "40", "--seeds", "0", "1", "--lrs", "1e-3", "1e-1", "--output", str(tmp_path)])
+    runs = fair.read_runs(tmp_path)
+    search = [r for r in runs if r["seed"] == 0]
+    assert sorted(r["learning_rate"] for r in search) == [1e-3, 1e-1]
+    best = max(search, key=lambda r: (r["validation"]["accuracy"], -r["learning_rate"]))["learning_rate"]
+    # The second seed ran only at the rate chosen on validation; the report quotes test at that rate.
+    assert [r["learning_rate"] for r in runs if r["seed"] == 1] == [best]
+    report = (tmp_path / "report.md").read_text()
+    assert f"| lora | {best:g} |" in report and "accuracy_yes/no" not in report
+    assert {"accuracy", "accuracy_yes/no", "accuracy_color", "accuracy_shape"} <= set(runs[0]["test"])
+    # A rerun skips what is done.
+    fair.main(["--methods", "lora", "--steps", "1", "--max-train", "120", "--max-test", "40", "--seeds", "0", "1",
+               "--lrs", "1e-3", "1e-1", "--output", str(tmp_path)])
+    assert len(fair.read_runs(tmp_path)) == len(runs)
+
+
+def test_fair_variants_parse_into_mitp_config_changes():
+    from benchmarks import fair
+
+    assert fair.parse_variant("all:text_layers=0-5,gate_init=1.0,consolidation=joint") == (
+        "all", {"text_layers": [0, 1, 2, 3, 4, 5], "gate_init": 1.0, "consolidation": "joint"}
+    )
+
+
+@pytest.mark.slow
+def test_probes_standardise_cached_features_and_choose_on_validation(tmp_path):
+    from benchmarks import probes
+
+    report = probes.main(["--quick", "--output", str(tmp_path)])
+    for kind in ("linear", "mlp"):
+        head = report["heads"][kind]
+        chosen = head["chosen"]
+        assert chosen == max(head["search"], key=lambda r: (r["validation"], -r["epochs"]))
+        assert set(head["by_epochs"]) >= {chosen["epochs"]}
+        run = head["by_epochs"][chosen["epochs"]]["runs"][0]
+        assert 0 <= run["accuracy"] <= 1 and "accuracy_yes/no" in run and run["head_seconds"] > 0
+    assert report["feature_seconds_train"] > 0
+    assert "(chosen)" in (tmp_path / "report.md").read_text()
