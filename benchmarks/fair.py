@@ -42,6 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import harness  # noqa: E402
+from peft_mitp_cli.options import TrainOptions  # noqa: E402
 
 LEARNING_RATES = {
     "mitp": (3e-3, 1e-2, 3e-2),
@@ -54,7 +55,7 @@ LEARNING_RATES = {
 }
 SEEDS = (0, 1, 2)
 OUTPUT = Path(__file__).parent / "results" / "fair"
-MITP_LR = 1e-2  # the offline job's rate, for variants without --lrs
+MITP_LR = TrainOptions().learning_rate  # the offline job's rate, for variants without --lrs
 
 
 def load_splits(max_train: int, max_test: int) -> tuple[dict[str, harness.EncodedSplit], int]:

@@ -96,7 +96,8 @@ class TrainOptions:
                         flag="--no-memory")
     epochs: float = _opt(1.0, "training epochs (ignored when --max-steps is positive)")
     batch_size: int = _opt(32, "training batch size (evaluation uses twice this)")
-    learning_rate: float = _opt(1e-2, "peak learning rate of the cosine schedule (AdamW)")
+    learning_rate: float = _opt(3e-2, "peak learning rate of the cosine schedule (AdamW); the offline default was "
+                                "chosen on the job's validation split (docs/cli.md)")
     weight_decay: float = _opt(0.0, "AdamW weight decay")
     warmup_ratio: float = _opt(0.05, "fraction of the training steps spent warming the learning rate up")
     max_steps: int = _opt(-1, "stop after this many optimizer steps (-1: train --epochs epochs)")
