@@ -452,3 +452,22 @@ def test_probes_standardise_cached_features_and_choose_on_validation(tmp_path):
         assert 0 <= run["accuracy"] <= 1 and "accuracy_yes/no" in run and run["head_seconds"] > 0
     assert report["feature_seconds_train"] > 0
     assert "(chosen)" in (tmp_path / "report.md").read_text()
+
+
+def test_yes_no_heads_read_the_question_word_and_negation_and_build_every_head():
+    from benchmarks import yes_no_heads as y
+
+    assert y.WORDS[y.question_word("is there not a red shape?")] == "red"
+    assert y.WORDS[y.question_word("does the image contain a triangle?")] == "triangle"
+    assert y.negated("is no yellow shape present?") == 1 and y.negated("is there a blue shape?") == 0
+    x = torch.randn(5, 8)
+    for kind in ("linear", "mlp", "bilinear", "similarity"):
+        head = y.make(kind, 4, 3)
+        assert head(x).shape == (5, 3)
+    # The similarity head's extra features are cosines / tau: bounded by 1 / tau.
+    head = y.SimilarityHead(4, 3, k=2, rank=3, tau=0.5)
+    with torch.no_grad():
+        head.out.weight.zero_()
+        head.out.weight[0, 8] = 1.0
+        head.out.bias.zero_()
+    assert head(x)[:, 0].abs().max() <= 2.0 + 1e-6
