@@ -130,7 +130,7 @@ class MITPConfig(PeftConfig):
             "help": "What each prompt's activation softmax runs over. 'cross': the other modality's prompts (each "
             "prompt always draws a full unit of the other modality). 'joint': both modalities' prompts, so how much a "
             "prompt draws from the other modality grows with how well it matches there. Measured on the offline job "
-            "(docs/benchmarks.md): no difference in accuracy."
+            "(docs/benchmarks.md, 'Does the interaction carry the task?'): no gain in accuracy there."
         },
     )
     gate_init: float = field(
