@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import json
 import math
 import os
 import platform
@@ -31,6 +32,7 @@ import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -289,6 +291,14 @@ def evaluate(model: nn.Module, split: EncodedSplit, batch_size: int = 128) -> di
         mask = torch.tensor([g == group for g in split.groups])
         metrics[f"accuracy_{group}"] = float(correct[mask].mean())
     return metrics
+
+
+def write_report(output: Path, report: dict[str, Any], text: str) -> None:
+    """Write a benchmark's `results.json` and `report.md` into `output` (created if needed), and print the report."""
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "results.json").write_text(json.dumps(report, indent=2))
+    (output / "report.md").write_text(text)
+    print(text)
 
 
 # ---------------------------------------------------------------------------------------------------------------- time

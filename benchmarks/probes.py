@@ -23,7 +23,6 @@ can compare probes with MITP at equal wall-clock.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import sys
@@ -221,10 +220,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         report = run(max_train=400, max_test=200, learning_rates=(1e-2,), epochs=(1, 2), seeds=(0,), threads=args.threads)
     else:
         report = run(threads=args.threads)
-    args.output.mkdir(parents=True, exist_ok=True)
-    (args.output / "results.json").write_text(json.dumps(report, indent=2))
-    (args.output / "report.md").write_text(markdown(report))
-    print(markdown(report))
+    harness.write_report(args.output, report, markdown(report))
     return report
 
 

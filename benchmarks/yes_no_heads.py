@@ -21,7 +21,6 @@ docs/benchmarks.md, "Does the interaction carry the task?", quotes the report.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import re
 import sys
@@ -174,10 +173,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "yes_no_heads")
     args = parser.parse_args(argv)
     report = run(args.threads)
-    args.output.mkdir(parents=True, exist_ok=True)
-    (args.output / "results.json").write_text(json.dumps(report, indent=2))
-    (args.output / "report.md").write_text(markdown(report))
-    print(markdown(report))
+    harness.write_report(args.output, report, markdown(report))
     return report
 
 

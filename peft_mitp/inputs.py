@@ -160,7 +160,9 @@ def check_input_shapes(
                 )
         text_config = towers["text"].module.config
         vocab = getattr(text_config, "vocab_size", None)
-        if isinstance(vocab, int) and input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= vocab):
+        # Meta tensors (FLOP counts) hold no values, and a traced forward cannot branch on them.
+        known = input_ids.numel() and input_ids.device.type != "meta" and not torch.compiler.is_compiling()
+        if isinstance(vocab, int) and known and (input_ids.min() < 0 or input_ids.max() >= vocab):
             raise ValueError(
                 f"`input_ids` holds token ids {int(input_ids.min())}..{int(input_ids.max())}, but the {family.name} "
                 f"text tower's vocabulary has {vocab} (ids 0..{vocab - 1}, its config's `vocab_size`). Tokenize with "

@@ -34,7 +34,7 @@ from .inputs import (
 )
 from .layer import MITPLayer
 from .lockstep import run_lockstep
-from .remote import check_hub_reachable
+from .remote import HUB_KWARGS, REACHABILITY_KWARGS, check_hub_reachable
 
 # Head size of a task model built without `num_labels` (transformers' default); an adapter resizes it.
 _PLACEHOLDER_LABELS = 2
@@ -53,14 +53,12 @@ def _attn_implementations(config: PreTrainedConfig) -> list[tuple[PreTrainedConf
 
 
 
-_HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "subfolder", "trust_remote_code")
-_CHECKED = ("local_files_only", "cache_dir", "revision", "subfolder")  # the keywords of check_hub_reachable
 
 
 def _load_tower(name_or_path: str | os.PathLike, kind: str, kwargs: dict[str, Any]) -> PreTrainedModel:
     """One pretrained tower for `from_text_vision_pretrained`: a stand-alone encoder, or a dual encoder's tower."""
-    check_hub_reachable(name_or_path, **{k: kwargs[k] for k in _CHECKED if k in kwargs})
-    config = AutoConfig.from_pretrained(name_or_path, **{k: kwargs[k] for k in _HUB_KWARGS if k in kwargs})
+    check_hub_reachable(name_or_path, **{k: kwargs[k] for k in REACHABILITY_KWARGS if k in kwargs})
+    config = AutoConfig.from_pretrained(name_or_path, **{k: kwargs[k] for k in HUB_KWARGS if k in kwargs})
     # A dual-encoder checkpoint (CLIP, SigLIP, ...) brings the tower's config as a sub-config: load that tower alone.
     tower_config = getattr(config, f"{kind}_config", None)
     from_dual_encoder = isinstance(tower_config, PreTrainedConfig)
@@ -276,7 +274,7 @@ class MITPForImageTextClassification(PreTrainedModel):
         check_head_options(num_labels, id2label, classifier_dropout)
         hub_kwargs = {
             k: kwargs[k]
-            for k in ("revision", "token", "cache_dir", "local_files_only", "subfolder", "trust_remote_code")
+            for k in HUB_KWARGS
             if k in kwargs
         }
         from .offline_backbone import build_offline_backbone, is_offline_backbone_name
@@ -290,7 +288,7 @@ class MITPForImageTextClassification(PreTrainedModel):
         else:
             if kwargs.get("config") is None:
                 check_hub_reachable(
-                    pretrained_model_name_or_path, **{k: v for k, v in hub_kwargs.items() if k in _CHECKED}
+                    pretrained_model_name_or_path, **{k: v for k, v in hub_kwargs.items() if k in REACHABILITY_KWARGS}
                 )
             config = kwargs.get("config") or AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
             if isinstance(config, MITPTaskConfig):

@@ -24,9 +24,8 @@ from transformers import (
 )
 
 from .families import BackboneFamily, family_for
-from .remote import check_hub_reachable
+from .remote import HUB_KWARGS, REACHABILITY_KWARGS, check_hub_reachable
 
-_HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "subfolder", "trust_remote_code")
 # Tokenizers without a recorded limit report a huge `model_max_length`; below this it is a real limit.
 _NO_LIMIT = 1_000_000
 
@@ -164,7 +163,7 @@ def load_processor(
         ValueError: neither or both ways are given, or a model in memory does not record where it came from.
         UnsupportedBackboneError: the backbone is not a supported dual encoder.
     """
-    hub_kwargs = {k: kwargs.pop(k) for k in _HUB_KWARGS if k in kwargs}
+    hub_kwargs = {k: kwargs.pop(k) for k in HUB_KWARGS if k in kwargs}
     if kwargs:
         raise TypeError(f"load_processor() got unexpected arguments {sorted(kwargs)}.")
     pair = (text_name_or_path, vision_name_or_path)
@@ -204,7 +203,7 @@ def load_processor(
 
     if name_or_path is None and None in pair:
         raise ValueError("Give `name_or_path`, or both `text_name_or_path` and `vision_name_or_path`.")
-    checked = {k: v for k, v in hub_kwargs.items() if k in ("local_files_only", "cache_dir", "revision", "subfolder")}
+    checked = {k: v for k, v in hub_kwargs.items() if k in REACHABILITY_KWARGS}
     for name in (name_or_path, *pair):
         if name is not None:
             check_hub_reachable(name, **checked)

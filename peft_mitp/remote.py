@@ -12,7 +12,12 @@ from __future__ import annotations
 import os
 from typing import Any
 
-__all__ = ["HubUnreachableError", "check_hub_reachable"]
+__all__ = ["HUB_KWARGS", "REACHABILITY_KWARGS", "HubUnreachableError", "check_hub_reachable"]
+
+HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "subfolder", "trust_remote_code")
+"""The `from_pretrained` keywords that say where and how to fetch from the Hub; the project passes them through."""
+REACHABILITY_KWARGS = ("local_files_only", "cache_dir", "revision", "subfolder")
+"""The subset of `HUB_KWARGS` that `check_hub_reachable` takes."""
 
 _REACHABLE: set[str] = set()  # endpoints that answered once in this process
 
