@@ -202,6 +202,10 @@ def _configuration_lines(config: MITPConfig) -> list[str]:
         "softmax": "softmax over the similarities (the paper)",
         "hard": "hard top-1 activation (an ablation)",
     }.get(config.activation, config.activation)
+    scope = {
+        "cross": "each prompt's activation runs over the other modality's prompts",
+        "joint": "each prompt's activation runs over both modalities' prompts (`consolidation=\"joint\"`)",
+    }.get(getattr(config, "consolidation", "cross"), config.consolidation)
     lines = [
         f"- **Interaction layers**: {len(config.text_layers or [])} pairs, {pairs} (0-based). "
         + _layers_sentence(config),
@@ -209,7 +213,7 @@ def _configuration_lines(config: MITPConfig) -> list[str]:
         f"{config.vision_prompts} per vision interaction layer, initialised from N(0, {config.prompt_init_std}^2).",
         f"- **Memory hub**: a shared space of width {config.hub_dim} (the mapping connection between the towers, "
         f"shared by all interaction pairs); similarity: {similarity}, temperature {config.effective_temperature:g}; "
-        f"activation: {activation}."
+        f"activation: {activation}; {scope}; gates initialised at {config.gate_init:g}."
         if len(config.text_layers or []) != 1
         else "- **Memory hub**: none (one interaction pair: no read-out is carried to a next pair).",
         "- **Ablation switches**: interaction "

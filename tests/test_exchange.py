@@ -138,3 +138,11 @@ def test_a_hub_in_another_dtype_than_the_towers_gives_the_towers_dtype():
         logits = model(**inputs).logits
     assert logits.dtype == torch.float32
     torch.testing.assert_close(logits, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_the_model_card_says_what_the_activation_runs_over(tmp_path):
+    for consolidation, words in (("cross", "the other modality's prompts"), ("joint", "both modalities' prompts")):
+        model = make_model(_config(consolidation=consolidation, gate_init=0.25))
+        model.save_pretrained(tmp_path / consolidation)
+        card = (tmp_path / consolidation / "README.md").read_text()
+        assert f"activation runs over {words}" in card and "gates initialised at 0.25" in card
