@@ -126,10 +126,10 @@ def run(threads: int = 1) -> dict[str, Any]:
         report: dict[str, Any] = {"machine": harness.machine_info(), "text_readout": {}, "heads": []}
 
         yes_no = {name: [i for i, g in enumerate(s.groups) if g == "yes/no"] for name, s in splits.items()}
-        for target, label in (("word", question_word), ("negation", negated)):
+        for target, label, classes in (("word", question_word, len(WORDS)), ("negation", negated, 2)):
             y = {name: torch.tensor([label(data[name]["text"][i]) for i in rows]) for name, rows in yes_no.items()}
             torch.manual_seed(0)
-            head = fit(nn.Linear(width, len(WORDS)), features["train"][yes_no["train"], :width], y["train"],
+            head = fit(nn.Linear(width, classes), features["train"][yes_no["train"], :width], y["train"],
                        lr=1e-2, epochs=20)
             with torch.no_grad():
                 predicted = head(features["validation"][yes_no["validation"], :width]).argmax(-1)

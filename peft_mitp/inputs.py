@@ -1,8 +1,10 @@
-"""The task model's inputs: routed to the towers, checked against each other and the model, split by modality.
+"""The task model's inputs and head options: routed to the towers, checked against each other and the model, split by
+modality.
 
 Everything here runs before either tower starts, so a bad batch is refused with an error that names the input and the
 fix, and nothing is computed (docs/reliability.md, "Bad input"). `MITPForImageTextClassification.forward` calls these
-functions in data-flow order: `check_label_rows`, `route_inputs`, `check_input_shapes`, `split_by_presence`.
+functions in data-flow order: `check_label_rows`, `route_inputs`, `check_input_types`, `check_input_shapes`,
+`split_by_presence`; `from_backbone`, `from_pretrained` and `set_head` call `check_head_options`.
 """
 
 from __future__ import annotations
