@@ -25,7 +25,6 @@ from .remote import HubUnreachableError
 from .sharing import install_hooks, load_adapter_model, push_adapter_to_hub, save_adapter
 
 register()
-install_hooks()  # the MITP model card in save_pretrained / push_to_hub (docs/sharing.md)
 
 __version__ = "0.1.0"
 

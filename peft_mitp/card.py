@@ -1,7 +1,7 @@
 """The model card of an MITP adapter: YAML metadata for the Hub plus a description of the adapter in words.
 
-`write_model_card` is what `PeftModel.save_pretrained` and `PeftModel.push_to_hub` use for MITP adapters once
-`peft_mitp` is imported (see `peft_mitp.sharing.install_hooks`): it replaces peft's generic template card. Training
+`write_model_card` is what `PeftModel.save_pretrained` and `PeftModel.push_to_hub` use for MITP adapters (see
+`peft_mitp.sharing.install_hooks`): it replaces peft's generic template card. Training
 details come from a `mitp_training.json` next to the adapter (the format is in `docs/sharing.md`) or are passed in.
 """
 
@@ -510,7 +510,7 @@ def write_model_card(
 ) -> ModelCard:
     """Write the MITP model card to `path/README.md`, replacing peft's generic card.
 
-    `PeftModel.save_pretrained` and `PeftModel.push_to_hub` call this for MITP adapters (after `import peft_mitp`);
+    `PeftModel.save_pretrained` and `PeftModel.push_to_hub` call this for MITP adapters (`peft_mitp.install_hooks`);
     call it yourself to rewrite a card, e.g. with training details gathered later.
 
     Args:

@@ -16,7 +16,7 @@ from .adapter_files import check_adapter_weights, check_hub_weights  # noqa: F40
 from .config import MITPConfig
 from .hub import MemoryHub, ModalityStandIns
 from .layer import MITPLayer
-from .sharing import sync_adapter_head
+from .sharing import install_hooks, sync_adapter_head
 
 _UPCAST = (torch.float16, torch.bfloat16)
 
@@ -185,6 +185,9 @@ class MITPModel(BaseTuner):
         if not isinstance(config, MITPConfig):
             raise TypeError(f"MITPModel needs an MITPConfig, got {type(config).__name__}.")
         towers = self._towers(model)
+        # The MITP card, safetensors-only saving and checked loading in PeftModel's methods: installed by the first
+        # MITP adapter, not at import, so importing peft_mitp leaves peft's classes as they are.
+        install_hooks()
         # Record the backbone in a new adapter's config, or refuse a loaded one built for another (docs/reliability.md).
         check_backbone(config, model, adapter_name)
         # Record the head in a new adapter's config, or check / size it for a loaded one (docs/sharing.md).

@@ -2,14 +2,19 @@
 
 peft has no hook for a method's model card, and `PeftModel.push_to_hub` is transformers' `PushToHubMixin.push_to_hub`,
 which saves into a temporary folder and then overwrites README.md with the card already on the Hub or a generic
-transformers template. `install_hooks` (run by `import peft_mitp`) therefore wraps three `PeftModel` methods, and only
-for models whose adapters are MITP adapters; every other model goes to peft's own code unchanged:
+transformers template. `install_hooks` therefore wraps four `PeftModel` methods, and only for models whose adapters are
+MITP adapters; every other model goes to peft's own code unchanged. It runs when the first MITP adapter is created
+(`MITPModel.inject_adapter`), not at `import peft_mitp`, so importing the plugin changes no peft class:
 
 - `create_or_update_model_card` (called by `save_pretrained` and by `Trainer.create_model_card`) writes the MITP card
   (`peft_mitp.card.write_model_card`) instead of peft's template;
 - `save_pretrained` writes safetensors even when asked for `safe_serialization=False` (with a warning): peft would
   write a pickled `adapter_model.bin`, which MITP's loading refuses;
-- `push_to_hub` becomes `push_adapter_to_hub`: save, write the card, upload with `huggingface_hub`.
+- `push_to_hub` becomes `push_adapter_to_hub`: save, write the card, upload with `huggingface_hub`;
+- `load_adapter` runs MITP's adapter-file checks also when loading into an existing adapter name (Trainer's
+  `resume_from_checkpoint`).
+
+Each wrapper keeps the signature of the method it wraps (`inspect.signature` shows the original's).
 
 A subclass of `PeftModel` would not do: `get_peft_model` and `PeftModel.from_pretrained` return plain `PeftModel`s.
 """
@@ -386,7 +391,7 @@ def install_hooks() -> None:
     safetensors, the only format MITP loads; `safe_serialization=False` warns), `PeftModel.push_to_hub` and
     `PeftModel.load_adapter` (the MITP file checks also when loading into an existing adapter name, as Trainer's
     `resume_from_checkpoint` does); models without MITP adapters keep peft's and transformers' behaviour.
-    `import peft_mitp` calls this.
+    The first MITP adapter created (`get_peft_model`, `PeftModel.from_pretrained`) calls this.
     """
     if getattr(PeftModel.create_or_update_model_card, "_mitp_hook", False):
         return

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import peft_mitp
@@ -82,3 +84,24 @@ def test_private_peft_names_are_used_only_where_internals_lists_them():
             if name.startswith("_") and not name.startswith("__") and name != "_abc_impl" and hasattr(theirs, name)
         }
         assert overridden <= listed, f"{ours.__name__} overrides private {sorted(overridden - listed)} of peft"
+
+
+def test_importing_the_plugin_changes_no_peft_class_and_the_first_mitp_adapter_installs_signature_keeping_wrappers():
+    # A fresh process: this test process may already have created MITP adapters.
+    script = r'''
+import inspect
+from peft import PeftModel
+originals = {name: getattr(PeftModel, name) for name in
+             ("save_pretrained", "push_to_hub", "create_or_update_model_card", "load_adapter")}
+import peft_mitp
+assert all(getattr(PeftModel, name) is fn for name, fn in originals.items()), "import peft_mitp patched PeftModel"
+from conftest import make_model
+make_model()  # get_peft_model with an MITPConfig
+for name, fn in originals.items():
+    assert getattr(PeftModel, name) is not fn, f"{name} not wrapped after the first MITP adapter"
+    assert inspect.signature(getattr(PeftModel, name)) == inspect.signature(fn), name
+print("ok")
+'''
+    result = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parent, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
