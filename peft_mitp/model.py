@@ -311,7 +311,7 @@ class MITPModel(BaseTuner):
         """Activate one adapter (its prompts, hub and head); see `peft.PeftModel.set_adapter`."""
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         if len(names) > 1:
-            raise ValueError(f"MITP runs one adapter at a time; got {names}. Pass a single adapter name.")
+            raise ValueError(f"MITP does not allow more than one active adapter at a time; got {names}. Pass a single adapter name.")
         super().set_adapter(adapter_name, inference_mode=inference_mode)
         if "mitp_hub" in self._modules:
             for name, hub in self.mitp_hub.items():
@@ -380,7 +380,7 @@ class MITPModel(BaseTuner):
         """
         if kwargs.get("adapter_names") is not None:
             raise ValueError(
-                "MITP does not support mixed-adapter batches: `adapter_names` cannot be passed to the forward of a "
+                "MITP does not support mixed adapter batches: `adapter_names` cannot be passed to the forward of a "
                 "model with MITP adapters (one adapter runs per forward, as the lock-step shares one memory hub across "
                 "the batch). Split the batch by adapter and call `model.set_adapter(name)` before each part."
             )

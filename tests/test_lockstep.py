@@ -310,7 +310,7 @@ def test_mixed_adapter_batches_are_refused_not_ignored(inputs):
     model.add_adapter("second", peft_mitp.MITPConfig(prompt_length=4, num_interaction_layers=2, hub_dim=16))
     model.eval()
     names = ["default", "second", "default", "second"]
-    with torch.no_grad(), pytest.raises(ValueError, match="does not support mixed-adapter batches"):
+    with torch.no_grad(), pytest.raises(ValueError, match="does not support mixed adapter batches"):
         model(**inputs, adapter_names=names)
     with torch.no_grad():
         model(**inputs, adapter_names=None)  # None is every forward's default

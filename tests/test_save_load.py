@@ -165,7 +165,7 @@ def test_set_adapter_moves_trainability_to_the_new_adapters_hub():
     model.set_adapter("second")
     assert not any(p.requires_grad for p in hubs["default"].parameters())
     assert all(p.requires_grad for p in hubs["second"].parameters())
-    with pytest.raises(ValueError, match="one adapter at a time"):
+    with pytest.raises(ValueError, match="more than one active adapter at a time"):
         model.base_model.set_adapter(["default", "second"])
 
 
