@@ -119,7 +119,10 @@ def check_hub_weights(path: str, interaction: bool) -> None:
     with safe_open(path, framework="pt") as weights:
         keys = list(weights.keys())
     hub_keys = [key for key in keys if ".mitp_hub." in key]
-    missing = [gate for gate in _HUB_GATES if not any(key.endswith(f"mitp_hub.{gate}") for key in hub_keys)]
+    # A decoder VLM's hub (direction vision -> language) has no vision generation map and no vision gate.
+    both = any(".mitp_hub.vision_out." in key for key in hub_keys)
+    gates = _HUB_GATES if both else _HUB_GATES[:1]
+    missing = [gate for gate in gates if not any(key.endswith(f"mitp_hub.{gate}") for key in hub_keys)]
     if hub_keys and missing:
         raise ValueError(
             f"{path} holds a memory hub without {missing}: it was saved by a peft_mitp version from before the hub's "

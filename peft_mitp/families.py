@@ -222,7 +222,60 @@ class BackboneFamily:
     pixel_values_layout: Literal["images", "patches"] = "images"
 
 
+def _last_layer(config: Any, depth: int) -> int:
+    return depth - 1
+
+
+def _vision_feature_layer(config: Any, depth: int) -> int:
+    """LLaVA-style `config.vision_feature_layer`: an index into the vision tower's hidden states (one per layer plus
+    the embeddings), or a list of them (VipLLaVA); the deepest one sets the last layer whose output is used."""
+    chosen = config.vision_feature_layer
+    indices = list(chosen) if isinstance(chosen, (list, tuple)) else [chosen]
+    # hidden_states[i] is the output of layer i - 1; a negative i counts from depth + 1 entries.
+    return max((i if i >= 0 else depth + 1 + i) - 1 for i in indices)
+
+
+@dataclass(frozen=True)
+class DecoderFamily:
+    """Everything MITP needs to know about one decoder vision-language model family.
+
+    Such a model feeds the output of a vision tower, through a projector, into a causal language model together with
+    the text. The two parts cannot run in lock-step: the vision tower finishes before the language model starts, so
+    the memory hub stores the vision read-outs and hands them to the language model's interaction layers (direction
+    vision -> language only; docs/method.md, "Decoder vision-language models").
+
+    Args:
+        name: the family's name in messages and docs.
+        model_types: the `config.model_type` values of this family.
+        vision: where the vision tower lives, from the base model (the `*Model`, not `*ForConditionalGeneration`);
+            `layers=None` looks the vision tower's layer list up in `TOWER_LAYER_PATHS` by its `model_type`.
+        language: where the language model lives, from the base model.
+        inputs: the forward arguments the base model takes besides `input_ids` and `attention_mask` (e.g.
+            `pixel_values`, `image_sizes`, `token_type_ids`); anything else is refused.
+        last_vision_layer: (backbone config, vision depth) -> index of the deepest vision layer whose output the model
+            uses (LLaVA's `vision_feature_layer=-2` takes the second to last); interaction layers must be at or
+            below it.
+        positions_from_mask: compute `position_ids` from the attention mask when none are given (left padding then
+            gives the positions of the unpadded text); False for families that derive their own positions from the
+            mask (Qwen2-VL's 3-D rotary positions).
+        image_token: name of the config attribute holding the image placeholder token id.
+        vision_rows: (base model, forward inputs) -> (R,) the sample of each row the vision tower runs, for families
+            that split an image into tiles or crops; None: the vision tower runs one row per sample.
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    vision: TowerSpec
+    language: TowerSpec = TowerSpec("language_model", "layers", (ROTARY,))
+    inputs: tuple[str, ...] = ("pixel_values",)
+    last_vision_layer: Callable[[Any, int], int] = _last_layer
+    positions_from_mask: bool = True
+    image_token: str = "image_token_id"
+    vision_rows: Callable[[Any, dict[str, Any]], torch.Tensor] | None = None
+
+
 _FAMILIES: dict[str, BackboneFamily] = {}
+_DECODER_FAMILIES: dict[str, DecoderFamily] = {}
 
 
 def register_family(family: BackboneFamily) -> BackboneFamily:
@@ -245,14 +298,38 @@ def register_family(family: BackboneFamily) -> BackboneFamily:
     return family
 
 
+def register_decoder_family(family: DecoderFamily) -> DecoderFamily:
+    """Add a decoder vision-language family to the table (or replace the entry of the same name).
+
+    Raises:
+        ValueError: one of its model types already belongs to another family.
+    """
+    for other in (*_FAMILIES.values(), *_DECODER_FAMILIES.values()):
+        clash = set(other.model_types) & set(family.model_types)
+        if clash and other.name != family.name:
+            raise ValueError(f"model_type(s) {sorted(clash)} already belong to family {other.name!r}.")
+    _DECODER_FAMILIES[family.name] = family
+    return family
+
+
 def families() -> dict[str, BackboneFamily]:
-    """The registered families, by name."""
+    """The registered dual-encoder families, by name."""
     return dict(_FAMILIES)
 
 
+def decoder_families() -> dict[str, DecoderFamily]:
+    """The registered decoder vision-language families, by name."""
+    return dict(_DECODER_FAMILIES)
+
+
 def supported_model_types() -> list[str]:
-    """All `config.model_type` values MITP accepts as a backbone."""
-    return sorted(t for f in _FAMILIES.values() for t in f.model_types)
+    """All `config.model_type` values MITP accepts as a backbone (dual encoders and decoder VLMs)."""
+    return sorted(t for f in (*_FAMILIES.values(), *_DECODER_FAMILIES.values()) for t in f.model_types)
+
+
+def supported_decoder_model_types() -> list[str]:
+    """The decoder vision-language `config.model_type` values MITP accepts."""
+    return sorted(t for f in _DECODER_FAMILIES.values() for t in f.model_types)
 
 
 class UnsupportedBackboneError(ValueError):
@@ -266,16 +343,32 @@ _HOW_TO_ADD = (
 )
 
 
-def family_for(model_type: str) -> BackboneFamily:
-    """The family of a backbone `config.model_type`.
+def _image_text_to_text_types() -> set[str]:
+    """The model types of transformers' image-text-to-text mapping (the decoder vision-language models)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    return set(MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
+
+
+def family_for(model_type: str) -> BackboneFamily | DecoderFamily:
+    """The family of a backbone `config.model_type`: a dual encoder or a decoder vision-language model.
 
     Raises:
         UnsupportedBackboneError: naming why (for known refusals), the supported families and how to add one.
     """
-    for family in _FAMILIES.values():
+    for family in (*_FAMILIES.values(), *_DECODER_FAMILIES.values()):
         if model_type in family.model_types:
             return family
     supported = ", ".join(supported_model_types())
+    if model_type in _image_text_to_text_types():
+        reason = REFUSED.get(model_type) or DECODER_REFUSED.get(model_type) or _DECODER_UNCHECKED
+        raise UnsupportedBackboneError(
+            f"MITP does not support the vision-language model type {model_type!r}: {reason}. Supported decoder "
+            f"vision-language models: {', '.join(supported_decoder_model_types())}; supported dual encoders: "
+            f"{', '.join(sorted(t for f in _FAMILIES.values() for t in f.model_types))}. To add a decoder family, "
+            "describe where its vision tower and language model live with "
+            "`peft_mitp.families.register_decoder_family(DecoderFamily(...))` (see docs/backbones.md)."
+        )
     if model_type in TOWER_LAYER_PATHS:
         raise UnsupportedBackboneError(
             f"A {model_type!r} model is a single encoder, not a dual encoder: MITP needs a text tower and a vision "
@@ -308,6 +401,8 @@ class ResolvedTower:
         width: hidden width.
         attn_implementation: the tower's attention implementation (for mask extension).
         token_arguments: per-token call arguments of its layers besides the attention mask (see `TokenArgument`).
+        usable_depth: how many of its layers (from the bottom) the model's output depends on; None: all. A decoder
+            VLM that takes a middle vision layer's output (`vision_feature_layer=-2`) does not use the layers above.
     """
 
     module: nn.Module
@@ -316,6 +411,7 @@ class ResolvedTower:
     width: int
     attn_implementation: str | None
     token_arguments: tuple[TokenArgument, ...] = ()
+    usable_depth: int | None = None
 
 
 def tower_layers_path(model_type: str, kind: str) -> str:
@@ -520,5 +616,111 @@ register_family(
         vision=TowerSpec("vision_model"),
         text_inputs=("input_ids", "attention_mask", "position_ids", "token_type_ids"),
         vision_inputs=("pixel_values",),
+    )
+)
+
+
+# ------------------------------------------------------------------------------------ decoder vision-language models
+# Vision towers of decoder VLMs that are not also dual-encoder towers (checked by tests/test_decoder_vlms.py).
+TOWER_LAYER_PATHS.update({"idefics3_vision": "encoder.layers", "smolvlm_vision": "encoder.layers"})
+
+_DECODER_UNCHECKED = (
+    "its layout has not been described to MITP yet (it is not in the decoder-family table, so no test shows that "
+    "MITP runs on it)"
+)
+_Q_FORMER = (
+    "a Q-Former between the vision tower and the language model resamples the image into learned queries; MITP's "
+    "vision -> language memory is defined for a vision tower that feeds the language model directly"
+)
+_NO_VISION_ENCODER = "it has no vision encoder with layers to put prompts into (images enter the language model as"
+_ENCODER_DECODER = "it is an encoder-decoder (sequence-to-sequence) model, not a vision tower feeding a causal language model"
+_TIMM = "its vision tower is a timm model (timm needs torchvision), whose layers MITP does not know"
+
+# Model types of transformers' image-text-to-text mapping that MITP refuses, with the reason.
+DECODER_REFUSED: dict[str, str] = {
+    "blip-2": _Q_FORMER,
+    "instructblip": _Q_FORMER,
+    "instructblipvideo": _Q_FORMER,
+    "fuyu": f"{_NO_VISION_ENCODER} linearly projected patches)",
+    "chameleon": f"{_NO_VISION_ENCODER} discrete VQ-VAE tokens)",
+    "emu3": f"{_NO_VISION_ENCODER} discrete VQ-VAE tokens)",
+    "florence2": _ENCODER_DECODER,
+    "pix2struct": _ENCODER_DECODER,
+    "udop": _ENCODER_DECODER,
+    "vision-encoder-decoder": _ENCODER_DECODER,
+    "t5gemma2": _ENCODER_DECODER,
+    "fast_vlm": _TIMM,
+    "perception_lm": _TIMM,
+    "mllama": "its language model reads the image through cross-attention layers and its vision tower has two "
+    "layer stacks (local and global), which MITP's one-list vision side does not describe",
+    "video_llava": "it has two vision towers (images and videos)",
+}
+
+def _llava_next_rows(model: Any, inputs: dict[str, Any]) -> torch.Tensor:
+    """LLaVA-NeXT tiles each image by its size (`image_sizes`); the tiles of all images run as one batch."""
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    config = model.config
+    counts = [
+        image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size)
+        for size in inputs["image_sizes"].tolist()
+    ]
+    return torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+
+
+def _idefics3_rows(model: Any, inputs: dict[str, Any]) -> torch.Tensor:
+    """Idefics3 / SmolVLM: (B, N, C, H, W) crops per sample; all-zero padding crops are dropped before the tower."""
+    pixels = inputs["pixel_values"]
+    batch, per_sample = pixels.shape[:2]
+    real = (pixels.flatten(2) != 0).any(dim=-1).flatten().cpu()
+    return torch.arange(batch).repeat_interleave(per_sample)[real]
+
+
+register_decoder_family(
+    DecoderFamily(
+        name="llava",
+        model_types=("llava",),
+        vision=TowerSpec("vision_tower"),
+        inputs=("pixel_values", "image_sizes"),
+        last_vision_layer=_vision_feature_layer,
+    )
+)
+register_decoder_family(
+    DecoderFamily(
+        name="llava-next",
+        model_types=("llava_next",),
+        vision=TowerSpec("vision_tower"),
+        # Image tiling: (B, tiles, C, H, W) pixel values and each image's original size.
+        inputs=("pixel_values", "image_sizes"),
+        last_vision_layer=_vision_feature_layer,
+        vision_rows=_llava_next_rows,
+    )
+)
+register_decoder_family(
+    DecoderFamily(
+        name="paligemma",
+        model_types=("paligemma",),
+        vision=TowerSpec("vision_tower"),
+        # token_type_ids mark the prefix (image + prompt, attended bidirectionally) against the suffix.
+        inputs=("pixel_values", "token_type_ids"),
+    )
+)
+register_decoder_family(
+    DecoderFamily(
+        name="gemma3",
+        model_types=("gemma3",),
+        vision=TowerSpec("vision_tower"),
+        inputs=("pixel_values", "token_type_ids"),
+    )
+)
+register_decoder_family(
+    DecoderFamily(
+        name="idefics3",
+        model_types=("idefics3", "smolvlm"),
+        vision=TowerSpec("vision_model"),
+        # The pixel-shuffle connector; images may be split into crops, `pixel_attention_mask` marks real pixels.
+        language=TowerSpec("text_model", "layers", (ROTARY,)),
+        inputs=("pixel_values", "pixel_attention_mask"),
+        vision_rows=_idefics3_rows,
     )
 )

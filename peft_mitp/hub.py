@@ -218,6 +218,10 @@ class MemoryHub(nn.Module):
         consolidation: "cross" (each prompt's activation runs over the other modality's prompts) or "joint" (over
             both modalities' prompts).
         gate_init: initial value of every gate channel.
+        direction: "both" (dual encoders: each tower's next prompts draw on the other) or "vision_to_text" (decoder
+            vision-language models: the vision tower runs to the end before the language model starts, so only the
+            language model's prompts draw on the stored vision read-outs; the vision side keeps its own memory and
+            has no generation map or gate).
     """
 
     def __init__(
@@ -234,8 +238,12 @@ class MemoryHub(nn.Module):
         modality_dropout: float = 0.0,
         consolidation: str = "cross",
         gate_init: float = 0.0,
+        direction: str = "both",
     ) -> None:
         super().__init__()
+        if direction not in ("both", "vision_to_text"):
+            raise ValueError(f"`direction` must be 'both' or 'vision_to_text', got {direction!r}.")
+        self.direction = direction
         self.text_width = text_width
         self.vision_width = vision_width
         self.hub_dim = hub_dim
@@ -250,9 +258,10 @@ class MemoryHub(nn.Module):
             self.text_in = nn.Linear(text_width, hub_dim)
             self.vision_in = nn.Linear(vision_width, hub_dim)
             self.text_out = nn.Linear(hub_dim, text_width)
-            self.vision_out = nn.Linear(hub_dim, vision_width)
             self.text_gate = nn.Parameter(torch.empty(text_width))
-            self.vision_gate = nn.Parameter(torch.empty(vision_width))
+            if direction == "both":
+                self.vision_out = nn.Linear(hub_dim, vision_width)
+                self.vision_gate = nn.Parameter(torch.empty(vision_width))
             self.reset_parameters()
         # Held by the hub so that they live in `mitp_hub[adapter]`: saved, loaded and switched with the adapter.
         self.stand_ins = stand_ins
@@ -263,10 +272,12 @@ class MemoryHub(nn.Module):
         """Initialise the maps as `nn.Linear` does and the gates at `gate_init` (0: no cross-modal term at the start)."""
         if not self.interaction:
             return
-        for linear in (self.text_in, self.vision_in, self.text_out, self.vision_out):
-            linear.reset_parameters()
-        nn.init.constant_(self.text_gate, self.gate_init)
-        nn.init.constant_(self.vision_gate, self.gate_init)
+        for linear in (self.text_in, self.vision_in, self.text_out, getattr(self, "vision_out", None)):
+            if linear is not None:
+                linear.reset_parameters()
+        for gate in (self.text_gate, getattr(self, "vision_gate", None)):
+            if gate is not None:
+                nn.init.constant_(gate, self.gate_init)
 
     def similarities(self, text_hidden: torch.Tensor, vision_hidden: torch.Tensor) -> torch.Tensor:
         """Consolidation: (B, M_t, d_h) x (B, M_v, d_h) -> (B, M_t, M_v), already divided by the temperature."""
@@ -305,30 +316,44 @@ class MemoryHub(nn.Module):
         text_hidden = self.text_in(F.layer_norm(text_readout, (self.text_width,)))
         vision_hidden = self.vision_in(F.layer_norm(vision_readout, (self.vision_width,)))
         scores = self.similarities(text_hidden, vision_hidden)
+        both = self.direction == "both"
+        vision_activation = vision_mixed = None
         if self.consolidation == "joint":
             # Each prompt's activation runs over both modalities' prompts: the share it takes from the other modality
             # grows with how well it matches there, against how well it matches its own modality.
             text_scores = torch.cat([scores, self.similarities(text_hidden, text_hidden)], dim=-1)
-            vision_scores = torch.cat([scores.transpose(1, 2), self.similarities(vision_hidden, vision_hidden)], dim=-1)
             text_joint = self.activate(text_scores)
-            vision_joint = self.activate(vision_scores)
             text_mixed = text_joint @ torch.cat([vision_hidden, text_hidden], dim=1)
-            vision_mixed = vision_joint @ torch.cat([text_hidden, vision_hidden], dim=1)
             text_activation = text_joint[..., : vision_hidden.shape[1]]
-            vision_activation = vision_joint[..., : text_hidden.shape[1]]
+            if both:
+                vision_scores = torch.cat(
+                    [scores.transpose(1, 2), self.similarities(vision_hidden, vision_hidden)], dim=-1
+                )
+                vision_joint = self.activate(vision_scores)
+                vision_mixed = vision_joint @ torch.cat([text_hidden, vision_hidden], dim=1)
+                vision_activation = vision_joint[..., : text_hidden.shape[1]]
         else:
             text_activation = self.activate(scores)
-            vision_activation = self.activate(scores.transpose(1, 2))
             text_mixed = text_activation @ vision_hidden
-            vision_mixed = vision_activation @ text_hidden
+            if both:
+                vision_activation = self.activate(scores.transpose(1, 2))
+                vision_mixed = vision_activation @ text_hidden
         text_cross = self._generate(self.text_out(text_mixed), text_readout, self.text_gate)
-        vision_cross = self._generate(self.vision_out(vision_mixed), vision_readout, self.vision_gate)
+        vision_prompts = vision_carry
+        if both:
+            vision_cross = self._generate(self.vision_out(vision_mixed), vision_readout, self.vision_gate)
+            vision_prompts = vision_cross if vision_carry is None else vision_carry + vision_cross
         return HubOutput(
             text_prompts=text_cross if text_carry is None else text_carry + text_cross,
-            vision_prompts=vision_cross if vision_carry is None else vision_carry + vision_cross,
+            vision_prompts=vision_prompts,
             text_activation=text_activation,
             vision_activation=vision_activation,
         )
+
+    def carry_only(self, tower: str, readout: torch.Tensor) -> torch.Tensor | None:
+        """The carry of `tower` into its next pair without a cross term: its own read-out (memory), or None with
+        `memory=False`. The vision side of a decoder VLM (`direction="vision_to_text"`) gets this."""
+        return readout if self.memory else None
 
     @staticmethod
     def _generate(mapped: torch.Tensor, readout: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:

@@ -62,6 +62,8 @@ INTERNALS: tuple[Internal, ...] = (
     Internal("peft.mapping:PEFT_TYPE_TO_CONFIG_MAPPING", "", (), "registration (registration.py)"),
     Internal("peft.mapping:PEFT_TYPE_TO_TUNER_MAPPING", "", (), "registration (registration.py)"),
     Internal("peft.mapping:PEFT_TYPE_TO_PREFIX_MAPPING", "", (), "registration (registration.py)"),
+    Internal("transformers.utils:output_capturing", "_active_collector", (),
+             "`output_hidden_states` of an interaction layer without the prompts (layer.py); VLMs read middle layers"),
     Internal("transformers:PretrainedConfig", "_attn_implementation_internal", (),
              "reads/sets each tower's attention implementation (modeling.py)"),
 )

@@ -104,7 +104,7 @@ class MITPLayer(nn.Module, BaseTunerLayer):
         return active[0] if active else None
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        tower = current_tower()
+        tower = current_tower(self.mitp_tower)
         adapter = None if (self.disable_adapters or tower is None) else self._active_prompt()
         if adapter is None:
             return self.base_layer(hidden_states, *args, **kwargs)
@@ -164,11 +164,24 @@ class MITPLayer(nn.Module, BaseTunerLayer):
                     extend_mask=extend_mask,
                 )
 
-        output = self.base_layer(torch.cat([hidden_states, prompts], dim=1), *args, **kwargs)
+        extended = torch.cat([hidden_states, prompts], dim=1)
+        collected = _captured_hidden_states()
+        captured_before = len(collected) if collected is not None else 0
+        output = self.base_layer(extended, *args, **kwargs)
         hidden = output[0] if isinstance(output, tuple) else output
         readout = hidden[:, seq_len:]
         tower.send_readout(pair, readout, self._mitp_hubs[adapter])
-        hidden = hidden[:, :seq_len]
+        stripped = hidden[:, :seq_len]
+        if collected is not None:
+            # transformers records `output_hidden_states` with a hook on the wrapped layer's class, so it saw the
+            # sequence with the prompts: record what the caller sees instead (a VLM that reads a middle vision layer,
+            # LLaVA's `vision_feature_layer=-2`, takes its image tokens from there).
+            for index in range(captured_before, len(collected)):
+                if collected[index] is extended:
+                    collected[index] = hidden_states
+                elif collected[index] is hidden:
+                    collected[index] = stripped
+        hidden = stripped
         if not isinstance(output, tuple):
             return hidden
         rest = tuple(
@@ -204,6 +217,22 @@ class MITPLayer(nn.Module, BaseTunerLayer):
 
     def __repr__(self) -> str:
         return "mitp." + super().__repr__()
+
+
+def _captured_hidden_states() -> list[Any] | None:
+    """The hidden states transformers is recording in the current forward (`output_hidden_states`), or None.
+
+    transformers 5 records them with forward hooks on the layer classes into a context-local collector
+    (`transformers.utils.output_capturing._active_collector`, listed in `peft_mitp.internals`).
+    """
+    from transformers.utils import output_capturing
+
+    collector = getattr(output_capturing, "_active_collector", None)
+    collected = collector.get() if collector is not None else None
+    if not isinstance(collected, dict):
+        return None
+    states = collected.get("hidden_states")
+    return states if isinstance(states, list) else None
 
 
 def _positional_parameter_names(layer: nn.Module) -> tuple[str, ...]:

@@ -89,10 +89,16 @@ class _Tower(greenlet.greenlet):
         self.parent.switch(_Readout(self.name, pair, readout, hub))
 
 
-def current_tower() -> _Tower | None:
-    """The tower coroutine the caller runs in, or None outside a lock-step forward."""
+def current_tower(kind: str | None = None) -> _Tower | _StreamPart | None:
+    """The tower the caller runs in: a lock-step tower coroutine, or the `kind` part of a decoder VLM's forward
+    (`run_stream`); None outside both."""
     current = greenlet.getcurrent()
-    return current if isinstance(current, _Tower) else None
+    if isinstance(current, _Tower):
+        return current
+    stream = _STREAM.get()
+    if stream is None or kind is None:
+        return None
+    return stream.parts[kind]
 
 
 @dataclass
@@ -276,3 +282,199 @@ def run_lockstep(
         hub=hub,
         presence=presence,
     )
+
+
+# ---------------------------------------------------------------------------------- decoder vision-language models
+_STREAM: contextvars.ContextVar[_Stream | None] = contextvars.ContextVar("mitp_stream", default=None)
+
+
+class _StreamPart:
+    """One part (vision tower or language model) of a decoder VLM's forward, as its interaction layers see it."""
+
+    def __init__(
+        self,
+        stream: _Stream,
+        name: str,
+        attn_implementation: str | None,
+        token_arguments: tuple[TokenArgument, ...],
+        frozen_below: bool,
+    ) -> None:
+        self.stream = stream
+        self.name = name
+        self.attn_implementation = attn_implementation
+        self.token_arguments = token_arguments
+        self.frozen_below = frozen_below
+
+    def request_prompts(self, pair: int) -> torch.Tensor | None:
+        """Called by an interaction layer: the hub's carry into `pair` (None for the first pair)."""
+        return self.stream.request(self.name, pair)
+
+    def send_readout(self, pair: int, readout: torch.Tensor, hub: MemoryHub) -> None:
+        """Called by an interaction layer after it ran: store the prompts' read-out in the hub's memory."""
+        self.stream.store(self.name, pair, readout, hub)
+
+
+class _Stream:
+    """The state of one decoder-VLM forward: the vision read-outs kept for the language model's interaction layers.
+
+    The vision tower runs all its interaction layers first; each gets its own read-out of the previous pair as
+    carry (memory, no cross term: the language model has not run yet). The language model's pair k+1 then gets the
+    hub's consolidation of its own read-out of pair k (memory) with the stored vision read-out of pair k+1, the
+    vision layer paired with it.
+    """
+
+    def __init__(
+        self,
+        pairs: int,
+        grad_enabled: bool,
+        attn_implementations: dict[str, str | None],
+        token_arguments: dict[str, tuple[TokenArgument, ...]],
+        frozen_below: Collection[str],
+    ) -> None:
+        self.pairs = pairs
+        self.grad_enabled = grad_enabled
+        self.frozen_below = set(frozen_below)
+        self.parts = {
+            name: _StreamPart(self, name, attn_implementations.get(name), token_arguments.get(name, ()),
+                              name in self.frozen_below)
+            for name in TOWERS
+        }
+        self.readouts: dict[str, dict[int, torch.Tensor]] = {name: {} for name in TOWERS}
+        self.hub: MemoryHub | None = None
+        self.hub_outputs: list[HubOutput] = []
+        self.language_started = False
+        # Vision rows (images, or tiles / crops of images) -> sample index; None: one row per sample.
+        self.vision_rows: torch.Tensor | None = None
+
+    def request(self, name: str, pair: int) -> torch.Tensor | None:
+        torch.set_grad_enabled(self.grad_enabled)
+        if name == "vision":
+            if self.language_started:
+                raise LockstepError(
+                    "A vision interaction layer ran after the language model started: this model does not run its "
+                    "vision tower before its language model, which MITP's decoder-VLM support needs."
+                )
+            if pair == 0:
+                return None
+            return self.hub.carry_only("vision", self._readout("vision", pair - 1))
+        self.language_started = True
+        if pair == 0:
+            return None
+        text = self._readout("text", pair - 1)
+        # The language model's pair k draws on the vision read-out of its paired layer, pair k: the vision tower has
+        # run all its interaction layers by now. (The first vision read-out feeds no language pair; the first vision
+        # prompts still reach the later read-outs through the vision tokens and the vision memory.)
+        vision = self.readouts["vision"].get(pair)
+        if vision is None:
+            raise LockstepError(
+                f"The language model asks for interaction pair {pair}, but the vision tower handed in no read-out of "
+                f"pair {pair} (did the vision tower run? Give `pixel_values`). Give `text_layers` and "
+                "`vision_layers` the same number of entries."
+            )
+        out = self.hub(text, self._per_sample(vision, text.shape[0]))
+        self.hub_outputs.append(out)
+        return out.text_prompts
+
+    def _per_sample(self, vision: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """The vision read-out per sample: the mean over a sample's rows when an image is split into tiles / crops."""
+        rows = self.vision_rows
+        if rows is None:
+            if vision.shape[0] != batch_size:
+                raise ValueError(
+                    f"The vision tower ran {vision.shape[0]} images for {batch_size} texts; MITP on this model needs "
+                    "exactly one image per text."
+                )
+            return vision
+        rows = rows.to(vision.device)
+        if rows.shape[0] != vision.shape[0]:
+            raise LockstepError(f"{rows.shape[0]} vision rows were expected, the vision tower ran {vision.shape[0]}.")
+        counts = torch.bincount(rows, minlength=batch_size)
+        if counts.shape[0] != batch_size or bool((counts == 0).any()):
+            raise ValueError("Every text needs an image: some samples have none (check `pixel_values`).")
+        total = vision.new_zeros((batch_size, *vision.shape[1:])).index_add(0, rows, vision)
+        return total / counts.to(vision.dtype).view(-1, 1, 1)
+
+    def _readout(self, name: str, pair: int) -> torch.Tensor:
+        try:
+            return self.readouts[name][pair]
+        except KeyError:
+            raise LockstepError(f"The {name} part skipped interaction pair {pair}.") from None
+
+    def store(self, name: str, pair: int, readout: torch.Tensor, hub: MemoryHub) -> None:
+        if self.hub is None:
+            self.hub = hub
+        elif hub is not self.hub:
+            raise LockstepError(f"Interaction pair {pair} mixes two adapters' hubs; activate one adapter.")
+        if pair in self.readouts[name]:
+            raise LockstepError(f"The {name} part ran interaction pair {pair} twice in one forward.")
+        self.readouts[name][pair] = readout
+        if name == "vision" and pair == self.pairs - 1 and "text" in self.frozen_below:
+            # Nothing above the last vision interaction layer needs a gradient: the language model's first
+            # interaction layer cuts the graph at its input. Run the rest of the vision tower, the projector and the
+            # language model's lower layers without autograd.
+            torch.set_grad_enabled(False)
+
+
+@dataclass
+class StreamResult:
+    """Outputs of a decoder-VLM forward under `run_stream`.
+
+    Attributes:
+        output: what the forward function returned.
+        hub_outputs: the hub's outputs, one per language pair that fed a next pair, in pair order.
+        hub: the active adapter's memory hub (None when no interaction layer ran).
+        pairs: the interaction pairs the language model ran.
+    """
+
+    output: Any
+    hub_outputs: list[HubOutput]
+    hub: MemoryHub | None
+    pairs: int
+
+
+@_not_traced
+def run_stream(
+    fn: Callable[[], Any],
+    *,
+    pairs: int,
+    attn_implementations: dict[str, str | None] | None = None,
+    token_arguments: dict[str, tuple[TokenArgument, ...]] | None = None,
+    frozen_below: Collection[str] = TOWERS,
+    vision_rows: torch.Tensor | None = None,
+) -> StreamResult:
+    """Run a decoder VLM's stock forward `fn` with the memory hub between its vision tower and its language model.
+
+    Args:
+        fn: the stock forward (vision tower, projector, language model), run as it is.
+        pairs: interaction pairs of the active adapter (the vision part's last read-out ends autograd until the
+            language model's first interaction layer when that part is frozen below).
+        attn_implementations: per part ("vision", "text" = the language model), for mask extension.
+        token_arguments: per part, the per-token call arguments of its layers besides the attention mask.
+        frozen_below: the parts with nothing trainable below their first interaction layer.
+        vision_rows: (R,) the sample of each row the vision tower runs, when images are split into tiles or crops
+            (their read-outs are averaged per sample before the hub); None: one row per sample.
+
+    Returns:
+        `StreamResult`.
+
+    Raises:
+        LockstepError: the parts' interaction layers did not pair up.
+    """
+    grad_enabled = torch.is_grad_enabled()
+    stream = _Stream(pairs, grad_enabled, attn_implementations or {}, token_arguments or {}, frozen_below)
+    stream.vision_rows = vision_rows
+    token = _STREAM.set(stream)
+    try:
+        with torch.no_grad() if "vision" in stream.frozen_below else nullcontext():
+            output = fn()
+    finally:
+        _STREAM.reset(token)
+        torch.set_grad_enabled(grad_enabled)
+    ran = {name: len(r) for name, r in stream.readouts.items()}
+    if stream.hub is not None and ran["text"] != ran["vision"]:
+        raise LockstepError(
+            f"The language model ran {ran['text']} interaction layers but the vision tower ran {ran['vision']}: the "
+            "parts' interaction layers did not pair up. Give `text_layers` and `vision_layers` the same number of "
+            "entries (and `pixel_values` with every text)."
+        )
+    return StreamResult(output=output, hub_outputs=stream.hub_outputs, hub=stream.hub, pairs=ran["text"])

@@ -69,6 +69,44 @@ def default_pairing(
     return text, vision
 
 
+def decoder_pairing(config: MITPConfig, language_depth: int, vision_depth: int) -> tuple[list[int], list[int]]:
+    """The interaction layers of a decoder VLM: (language model layers, vision tower layers).
+
+    `vision_depth` counts only the vision layers whose output the model uses. By default both parts take their last
+    `num_interaction_layers` layers (the vision tower's last used ones): the language model then has no autograd
+    below its top layers, and the vision read-outs come from the layers nearest the image tokens it reads. A list
+    given for one part only is matched by the other part's last layers.
+
+    Raises:
+        ValueError: an index is out of range (for the vision tower: above the last layer the model uses), or the
+            count exceeds a part's depth.
+    """
+    text, vision = config.text_layers, config.vision_layers
+    if text is not None and text[-1] >= language_depth:
+        raise ValueError(
+            f"`text_layers`={text} is out of range: this model's language model has {language_depth} layers (valid "
+            f"indices 0..{language_depth - 1})."
+        )
+    if vision is not None and vision[-1] >= vision_depth:
+        raise ValueError(
+            f"`vision_layers`={vision} is out of range: this model uses the output of its vision layer "
+            f"{vision_depth - 1} (layers above it do not reach the language model), so valid indices are "
+            f"0..{vision_depth - 1}."
+        )
+    count = len(text) if text is not None else len(vision) if vision is not None else config.num_interaction_layers
+    for name, depth, given in (("language model", language_depth, text), ("vision tower", vision_depth, vision)):
+        if given is None and count > depth:
+            raise ValueError(
+                f"{count} interaction pairs need {count} layers, but the {name} has {depth} usable layers; set "
+                "`num_interaction_layers` lower or give `text_layers` / `vision_layers`."
+            )
+    if text is None:
+        text = list(range(language_depth - count, language_depth))
+    if vision is None:
+        vision = list(range(vision_depth - count, vision_depth))
+    return text, vision
+
+
 # ---- Loading checks (docs/reliability.md, "Loading checks") --------------------------------------------------------
 def backbone_record(model: nn.Module) -> dict[str, Any]:
     """What an adapter records about the backbone it is built for (`MITPConfig.backbone`).
@@ -193,7 +231,16 @@ class MITPModel(BaseTuner):
         # Record the head in a new adapter's config, or check / size it for a loaded one (docs/sharing.md).
         sync_adapter_head(model, config)
         text, vision = towers["text"], towers["vision"]
-        text_layers, vision_layers = default_pairing(config, len(text.layers), len(vision.layers))
+        direction = getattr(model, "mitp_direction", "both")
+        if direction == "vision_to_text":
+            if config.missing_modality:
+                raise ValueError(
+                    "`missing_modality=True` is not supported on decoder vision-language models (the language model "
+                    "reads the image tokens themselves, which no stand-in replaces). Create the adapter without it."
+                )
+            text_layers, vision_layers = decoder_pairing(config, len(text.layers), vision.usable_depth)
+        else:
+            text_layers, vision_layers = default_pairing(config, len(text.layers), len(vision.layers))
         config.text_layers, config.vision_layers = text_layers, vision_layers
         targets: dict[str, tuple[str, int, int]] = {}
         for tower, layers, prompts in (
@@ -243,6 +290,7 @@ class MITPModel(BaseTuner):
                 modality_dropout=config.modality_dropout,
                 consolidation=config.consolidation,
                 gate_init=config.gate_init,
+                direction=direction,
             )
         # Under low_cpu_mem_usage (or peft's init_empty_weights) the hub is on the meta device: loading assigns it.
         if param.device.type != "meta" and not any(p.device.type == "meta" for p in hub.parameters()):

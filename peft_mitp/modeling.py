@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
@@ -13,9 +14,11 @@ from transformers.configuration_utils import SubConfigSpec
 from transformers.modeling_outputs import SequenceClassifierOutput
 from transformers.utils import logging
 
+from . import decoder
 from .config import PROBLEM_TYPES
 from .families import (
     BackboneFamily,
+    DecoderFamily,
     ResolvedTower,
     UnsupportedBackboneError,
     family_for,
@@ -163,18 +166,30 @@ class MITPForImageTextClassification(PreTrainedModel):
         super().__init__(config)
         if config.problem_type is not None and config.problem_type not in PROBLEM_TYPES:
             raise ValueError(f"`problem_type`={config.problem_type!r} is not supported; use one of {PROBLEM_TYPES}.")
-        self.family: BackboneFamily = family_for(config.backbone_config.model_type)
+        self.family: BackboneFamily | DecoderFamily = family_for(config.backbone_config.model_type)
         if backbone is None:
             backbone = AutoModel.from_config(config.backbone_config)
+        if self.is_decoder_vlm:
+            # A `*ForConditionalGeneration` brings a vocabulary head MITP does not use: keep its base model.
+            backbone = decoder.base_model(backbone, self.family)
         self.backbone = backbone
         # Keep one config object for the backbone, so attention-implementation switches reach both.
         self.config.backbone_config = backbone.config
         self.mitp_towers()  # fail now, not at the first adapter, on towers MITP cannot prompt
-        text_dim, image_dim = self.family.feature_dims(backbone.config)
         self.dropout = nn.Dropout(config.classifier_dropout)
-        self.classifier = nn.Linear(text_dim + image_dim, config.num_labels)
+        self.classifier = nn.Linear(sum(self.mitp_feature_dims()), config.num_labels)
         self.backbone.requires_grad_(False)
         self.post_init()
+
+    @property
+    def is_decoder_vlm(self) -> bool:
+        """True for a decoder vision-language backbone (a vision tower feeding a causal language model)."""
+        return isinstance(self.family, DecoderFamily)
+
+    @property
+    def mitp_direction(self) -> str:
+        """Which way the memory hub generates prompts: "both" (dual encoders) or "vision_to_text" (decoder VLMs)."""
+        return "vision_to_text" if self.is_decoder_vlm else "both"
 
     @property
     def is_gradient_checkpointing(self) -> bool:
@@ -432,19 +447,21 @@ class MITPForImageTextClassification(PreTrainedModel):
 
     # ------------------------------------------------------------------ what the tuner needs
     def mitp_towers(self) -> dict[str, ResolvedTower]:
-        """Both towers of the backbone, with layer paths relative to this model (used by `MITPModel`)."""
-        towers = {}
-        for kind, spec in (("text", self.family.text), ("vision", self.family.vision)):
-            tower = resolve_tower(self.backbone, spec, kind)
-            towers[kind] = ResolvedTower(
-                module=tower.module,
-                layers=tower.layers,
-                layers_path=f"backbone.{tower.layers_path}",
-                width=tower.width,
-                attn_implementation=tower.attn_implementation,
-                token_arguments=tower.token_arguments,
-            )
-        return towers
+        """Both towers of the backbone, with layer paths relative to this model (used by `MITPModel`).
+
+        For a decoder VLM, "text" is the language model and "vision" the vision tower.
+        """
+        if self.is_decoder_vlm:
+            resolved = decoder.resolve_towers(self.backbone, self.family)
+        else:
+            resolved = {
+                kind: resolve_tower(self.backbone, spec, kind)
+                for kind, spec in (("text", self.family.text), ("vision", self.family.vision))
+            }
+        return {
+            kind: dataclasses.replace(tower, layers_path=f"backbone.{tower.layers_path}")
+            for kind, tower in resolved.items()
+        }
 
     def get_input_embeddings(self) -> nn.Module:
         """The text tower's input (token) embeddings, as `get_input_embeddings` of the text tower returns them.
@@ -458,7 +475,12 @@ class MITPForImageTextClassification(PreTrainedModel):
         self.mitp_towers()["text"].module.set_input_embeddings(value)
 
     def mitp_feature_dims(self) -> tuple[int, int]:
-        """Widths of the pooled (text, image) features the head reads (used by `MITPModel` for the stand-ins)."""
+        """Widths of the pooled (text, image) features the head reads (used by `MITPModel` for the stand-ins).
+
+        A decoder VLM's head reads the language model's last token only: (its width, 0).
+        """
+        if self.is_decoder_vlm:
+            return self.mitp_towers()["text"].width, 0
         return self.family.feature_dims(self.backbone.config)
 
     # ------------------------------------------------------------------ forward
@@ -492,6 +514,8 @@ class MITPForImageTextClassification(PreTrainedModel):
         modality: its tower does not run for them and the active adapter's stand-ins take its place (see `forward`).
         """
         masks = {"text": inputs.pop("text_present", None), "vision": inputs.pop("image_present", None)}
+        if self.is_decoder_vlm:
+            return self._decoder_features(inputs, masks)
         text_inputs, vision_inputs = route_inputs(self.family, inputs, type(self).__name__)
         check_input_types(text_inputs, vision_inputs)
         check_input_shapes(self.family, self.mitp_towers(), text_inputs, vision_inputs)
@@ -524,6 +548,22 @@ class MITPForImageTextClassification(PreTrainedModel):
             text = result.hub.fill_features("text", text, result.presence)
             image = result.hub.fill_features("vision", image, result.presence)
         return text, image, result.hub_outputs
+
+    def _decoder_features(
+        self, inputs: dict[str, Any], masks: dict[str, torch.Tensor | None]
+    ) -> tuple[torch.Tensor, torch.Tensor, list[HubOutput]]:
+        """`pooled_features` of a decoder VLM: the language model's last-token state, and no image features."""
+        if any(mask is not None for mask in masks.values()):
+            raise ValueError(
+                "`image_present` / `text_present` (missing modalities) are not supported on decoder vision-language "
+                "models: every sample needs its text and its image."
+            )
+        given = decoder.check_inputs(self.family, self.backbone.config, inputs, type(self).__name__)
+        towers = self.mitp_towers()
+        features, hub_outputs = decoder.pooled_features(
+            self.backbone, self.family, towers, given, self._frozen_towers(towers)
+        )
+        return features, features.new_zeros(features.shape[0], 0), hub_outputs
 
     def forward(
         self,
