@@ -59,6 +59,7 @@ def resolve_towers(backbone: nn.Module, family: DecoderFamily) -> dict[str, Reso
             attn_implementation=tower.attn_implementation,
             token_arguments=tower.token_arguments,
             usable_depth=usable,
+            packed=tower.packed,
         )
     return towers
 
@@ -152,6 +153,7 @@ def pooled_features(
         token_arguments={k: t.token_arguments for k, t in towers.items()},
         frozen_below=frozen_below,
         vision_rows=rows,
+        packed={k for k, t in towers.items() if t.packed},
     )
     return last_token(result.output.last_hidden_state, mask), result.hub_outputs
 

@@ -162,11 +162,14 @@ class TowerSpec:
             `TOWER_LAYER_PATHS` by the tower's `config.model_type` (for backbones that combine arbitrary towers).
         token_arguments: per-token call arguments of the tower's layers besides the attention mask (see
             `TokenArgument`); default none. With `layers=None` the tower type's `TOWER_TOKEN_ARGUMENTS` are added.
+        packed: the layers take the images packed into one (N, D) sequence without a batch dimension, split by a
+            `cu_seqlens` argument (Qwen2-VL's vision tower); each image then gets its own prompts inside its segment.
     """
 
     module: str
     layers: str | None = None
     token_arguments: tuple[TokenArgument, ...] = ()
+    packed: bool = False
 
 
 def _projection_dims(config: Any) -> tuple[int, int]:
@@ -403,6 +406,7 @@ class ResolvedTower:
         token_arguments: per-token call arguments of its layers besides the attention mask (see `TokenArgument`).
         usable_depth: how many of its layers (from the bottom) the model's output depends on; None: all. A decoder
             VLM that takes a middle vision layer's output (`vision_feature_layer=-2`) does not use the layers above.
+        packed: its layers take packed (N, D) sequences split by `cu_seqlens` (`TowerSpec.packed`).
     """
 
     module: nn.Module
@@ -412,6 +416,7 @@ class ResolvedTower:
     attn_implementation: str | None
     token_arguments: tuple[TokenArgument, ...] = ()
     usable_depth: int | None = None
+    packed: bool = False
 
 
 def tower_layers_path(model_type: str, kind: str) -> str:
@@ -466,6 +471,7 @@ def resolve_tower(backbone: nn.Module, spec: TowerSpec, kind: str) -> ResolvedTo
         width=config.hidden_size,
         attn_implementation=getattr(config, "_attn_implementation", None),
         token_arguments=token_arguments,
+        packed=spec.packed,
     )
 
 
@@ -722,5 +728,16 @@ register_decoder_family(
         language=TowerSpec("text_model", "layers", (ROTARY,)),
         inputs=("pixel_values", "pixel_attention_mask"),
         vision_rows=_idefics3_rows,
+    )
+)
+register_decoder_family(
+    DecoderFamily(
+        name="qwen2-vl",
+        model_types=("qwen2_vl", "qwen2_5_vl"),
+        # Packed patches: every image's patches in one (N, D) sequence, split by `cu_seqlens` from `image_grid_thw`.
+        vision=TowerSpec("visual", "blocks", (ROTARY,), packed=True),
+        inputs=("pixel_values", "image_grid_thw", "mm_token_type_ids"),
+        # 3-D rotary positions (time, height, width) computed by the model from the ids, the grid and the mask.
+        positions_from_mask=False,
     )
 )

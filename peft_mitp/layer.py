@@ -117,6 +117,8 @@ class MITPLayer(nn.Module, BaseTunerLayer):
             # Nothing below the first interaction layer is trainable: never let gradient flow there (the input may
             # still require grad, e.g. after `enable_input_require_grads`).
             hidden_states = hidden_states.detach()
+        if getattr(tower, "packed", False):
+            return self._forward_packed(tower, adapter, pair, carry, hidden_states, args, kwargs)
         prompts = self.mitp_prompt[adapter]
         prompts = prompts.unsqueeze(0).expand(hidden_states.shape[0], -1, -1)
         if carry is not None:
@@ -188,6 +190,60 @@ class MITPLayer(nn.Module, BaseTunerLayer):
             t[..., :seq_len, :seq_len] if isinstance(t, torch.Tensor) and t.dim() == 4 else t for t in output[1:]
         )
         return (hidden, *rest)
+
+    def _forward_packed(
+        self,
+        tower: Any,
+        adapter: str,
+        pair: int,
+        carry: torch.Tensor | None,
+        hidden_states: torch.Tensor,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        """The layer on packed images: (N, D) states split by `cu_seqlens`; each image's prompts go after its patches.
+
+        Attention stays within each image's segment, so each image's prompts see its patches and its patches see its
+        prompts; rotary embeddings give the prompts the identity rotation.
+        """
+        args, kwargs = self._name_arguments(args, kwargs)
+        if args or kwargs.get("cu_seqlens") is None:
+            raise ValueError("A packed interaction layer needs `cu_seqlens` by name (Qwen2-VL's vision blocks).")
+        bounds = kwargs["cu_seqlens"]
+        images = bounds.shape[0] - 1
+        prompts = self.mitp_prompt[adapter].unsqueeze(0).expand(images, -1, -1)
+        if carry is not None:
+            prompts = prompts + carry.to(device=prompts.device, dtype=prompts.dtype)
+        prompts = prompts.to(device=hidden_states.device, dtype=hidden_states.dtype)
+        num_prompts = prompts.shape[1]
+        lengths = (bounds[1:] - bounds[:-1]).tolist()
+        # Positions of the patches and of the prompts in the extended sequence.
+        offsets = torch.arange(images, device=bounds.device) * num_prompts
+        new_bounds = bounds + torch.cat([offsets.new_zeros(1), offsets + num_prompts])
+        is_patch = torch.ones(hidden_states.shape[0] + images * num_prompts, dtype=torch.bool,
+                              device=hidden_states.device)
+        for image, end in enumerate(new_bounds[1:].tolist()):
+            is_patch[end - num_prompts : end] = False
+        extended = hidden_states.new_empty(is_patch.shape[0], hidden_states.shape[1])
+        extended[is_patch] = hidden_states
+        extended[~is_patch] = prompts.reshape(-1, prompts.shape[-1])
+        kwargs["cu_seqlens"] = new_bounds.to(bounds.dtype)
+        if kwargs.get("max_seqlen") is not None:
+            kwargs["max_seqlen"] = max(lengths) + num_prompts
+        for argument in tower.token_arguments:
+            value = kwargs.get(argument.name)
+            if value is not None and argument.kind == "rotary":
+                cos, sin = value
+                new_cos = cos.new_ones(is_patch.shape[0], *cos.shape[1:])
+                new_sin = sin.new_zeros(is_patch.shape[0], *sin.shape[1:])
+                new_cos[is_patch], new_sin[is_patch] = cos, sin
+                kwargs[argument.name] = type(value)((new_cos, new_sin))
+        output = self.base_layer(extended, **kwargs)
+        hidden = output[0] if isinstance(output, tuple) else output
+        readout = hidden[~is_patch].reshape(images, num_prompts, -1)
+        tower.send_readout(pair, readout, self._mitp_hubs[adapter])
+        stripped = hidden[is_patch]
+        return stripped if not isinstance(output, tuple) else (stripped, *output[1:])
 
     def _name_arguments(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
         """The layer call's arguments after the hidden states, by parameter name where the signature allows it.

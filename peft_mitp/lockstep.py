@@ -298,7 +298,9 @@ class _StreamPart:
         attn_implementation: str | None,
         token_arguments: tuple[TokenArgument, ...],
         frozen_below: bool,
+        packed: bool = False,
     ) -> None:
+        self.packed = packed
         self.stream = stream
         self.name = name
         self.attn_implementation = attn_implementation
@@ -330,13 +332,14 @@ class _Stream:
         attn_implementations: dict[str, str | None],
         token_arguments: dict[str, tuple[TokenArgument, ...]],
         frozen_below: Collection[str],
+        packed: Collection[str] = (),
     ) -> None:
         self.pairs = pairs
         self.grad_enabled = grad_enabled
         self.frozen_below = set(frozen_below)
         self.parts = {
             name: _StreamPart(self, name, attn_implementations.get(name), token_arguments.get(name, ()),
-                              name in self.frozen_below)
+                              name in self.frozen_below, name in packed)
             for name in TOWERS
         }
         self.readouts: dict[str, dict[int, torch.Tensor]] = {name: {} for name in TOWERS}
@@ -441,6 +444,7 @@ def run_stream(
     token_arguments: dict[str, tuple[TokenArgument, ...]] | None = None,
     frozen_below: Collection[str] = TOWERS,
     vision_rows: torch.Tensor | None = None,
+    packed: Collection[str] = (),
 ) -> StreamResult:
     """Run a decoder VLM's stock forward `fn` with the memory hub between its vision tower and its language model.
 
@@ -453,6 +457,7 @@ def run_stream(
         frozen_below: the parts with nothing trainable below their first interaction layer.
         vision_rows: (R,) the sample of each row the vision tower runs, when images are split into tiles or crops
             (their read-outs are averaged per sample before the hub); None: one row per sample.
+        packed: the parts whose layers take packed (N, D) sequences split by `cu_seqlens`.
 
     Returns:
         `StreamResult`.
@@ -461,7 +466,7 @@ def run_stream(
         LockstepError: the parts' interaction layers did not pair up.
     """
     grad_enabled = torch.is_grad_enabled()
-    stream = _Stream(pairs, grad_enabled, attn_implementations or {}, token_arguments or {}, frozen_below)
+    stream = _Stream(pairs, grad_enabled, attn_implementations or {}, token_arguments or {}, frozen_below, packed)
     stream.vision_rows = vision_rows
     token = _STREAM.set(stream)
     try:
