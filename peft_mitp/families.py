@@ -364,7 +364,7 @@ def family_for(model_type: str) -> BackboneFamily | DecoderFamily:
             return family
     supported = ", ".join(supported_model_types())
     if model_type in _image_text_to_text_types():
-        reason = REFUSED.get(model_type) or DECODER_REFUSED.get(model_type) or _DECODER_UNCHECKED
+        reason = DECODER_REFUSED.get(model_type) or REFUSED.get(model_type) or _DECODER_UNCHECKED
         raise UnsupportedBackboneError(
             f"MITP does not support the vision-language model type {model_type!r}: {reason}. Supported decoder "
             f"vision-language models: {', '.join(supported_decoder_model_types())}; supported dual encoders: "

@@ -222,7 +222,7 @@ class MITPLayer(nn.Module, BaseTunerLayer):
         new_bounds = bounds + torch.cat([offsets.new_zeros(1), offsets + num_prompts])
         is_patch = torch.ones(hidden_states.shape[0] + images * num_prompts, dtype=torch.bool,
                               device=hidden_states.device)
-        for image, end in enumerate(new_bounds[1:].tolist()):
+        for end in new_bounds[1:].tolist():
             is_patch[end - num_prompts : end] = False
         extended = hidden_states.new_empty(is_patch.shape[0], hidden_states.shape[1])
         extended[is_patch] = hidden_states
