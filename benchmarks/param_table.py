@@ -3,7 +3,8 @@
 Each backbone is built from its published shapes on the meta device (no weights are downloaded or allocated), wrapped
 in `MITPForImageTextClassification.from_backbone(..., num_labels=101)` and given `peft.get_peft_model(...,
 MITPConfig())`. The script prints a markdown table (pasted into docs/backbones.md) with the paper's 2.0M and PMF's
-2.5M next to it. Run from the repository root: `python benchmarks/param_table.py` (about a minute on 2 cores).
+2.5M next to it, then the same for the decoder vision-language families (their language model's last token feeds the
+head; the vision column counts the vision layers whose output the model uses). Run from the repository root: `python benchmarks/param_table.py` (about a minute on 2 cores).
 
 The shapes are those of the checkpoints' `config.json` files (the Hub is not reachable from this project's
 machines, so they are written out here; only the widths, depths and feature widths change the trainable count, the
@@ -141,6 +142,70 @@ CHECKPOINTS = [
 ]
 
 
+def _decoder(model_type: str, text: dict, vision: dict, **top: object) -> Callable[[], object]:
+    def build() -> object:
+        config = AutoConfig.for_model(model_type)
+        text_config = {**config.text_config.to_dict(), **text}
+        vision_config = {**config.vision_config.to_dict(), **vision}
+        for sub in (text_config, vision_config):
+            sub.pop("layer_types", None)
+        fields = {**config.to_dict(), **top, "text_config": text_config, "vision_config": vision_config}
+        fields.pop("model_type", None)
+        return type(config)(**fields)
+
+    return build
+
+
+CLIP_L_336 = _tower(1024, 24, 16, 4096, image_size=336, patch_size=14)
+SIGLIP_SO400M = _tower(1152, 27, 16, 4304, patch_size=14)
+LLAMA2_7B = _tower(4096, 32, 32, 11008, num_key_value_heads=32, vocab_size=32064)
+MISTRAL_7B = dict(_tower(4096, 32, 32, 14336, num_key_value_heads=8, vocab_size=32064), model_type="mistral")
+
+# Decoder vision-language models: each family's main published checkpoint (shapes from its config.json).
+DECODER_CHECKPOINTS = [
+    Checkpoint("llava", "llava-hf/llava-1.5-7b-hf",
+               _decoder("llava", LLAMA2_7B, CLIP_L_336, vision_feature_layer=-2)),
+    Checkpoint("llava_next", "llava-hf/llava-v1.6-mistral-7b-hf",
+               _decoder("llava_next", MISTRAL_7B, CLIP_L_336, vision_feature_layer=-2)),
+    Checkpoint("paligemma", "google/paligemma-3b-pt-224",
+               _decoder("paligemma", _tower(2048, 18, 8, 16384, num_key_value_heads=1, head_dim=256,
+                                            vocab_size=257216),
+                        {**SIGLIP_SO400M, "image_size": 224, "projection_dim": 2048}, projection_dim=2048)),
+    Checkpoint("gemma3", "google/gemma-3-4b-it",
+               _decoder("gemma3", _tower(2560, 34, 8, 10240, num_key_value_heads=4, head_dim=256, vocab_size=262208),
+                        {**SIGLIP_SO400M, "image_size": 896})),
+    Checkpoint("idefics3", "HuggingFaceM4/Idefics3-8B-Llama3",
+               _decoder("idefics3", _tower(4096, 32, 32, 14336, num_key_value_heads=8, vocab_size=128259),
+                        {**SIGLIP_SO400M, "image_size": 364}, scale_factor=2)),
+    Checkpoint("smolvlm", "HuggingFaceTB/SmolVLM-256M-Instruct",
+               _decoder("smolvlm", _tower(576, 30, 9, 1536, num_key_value_heads=3, vocab_size=49280),
+                        _tower(768, 12, 12, 3072, image_size=512, patch_size=16), scale_factor=4)),
+    Checkpoint("qwen2_vl", "Qwen/Qwen2-VL-2B-Instruct",
+               _decoder("qwen2_vl", _tower(1536, 28, 12, 8960, num_key_value_heads=2, vocab_size=151936),
+                        dict(depth=32, embed_dim=1280, num_heads=16, hidden_size=1536))),
+    Checkpoint("qwen2_5_vl", "Qwen/Qwen2.5-VL-3B-Instruct",
+               _decoder("qwen2_5_vl", _tower(2048, 36, 16, 11008, num_key_value_heads=2, vocab_size=151936),
+                        dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
+                             out_hidden_size=2048))),
+]
+
+
+def decoder_markdown(rows: list[dict]) -> str:
+    """The decoder-VLM table as markdown (the "text" part is the language model)."""
+    lines = [
+        "| family | checkpoint | language model layers x width | vision layers used x width | interaction layers "
+        "(language / vision) | prompts | hub | head | trainable | backbone | trainable / backbone |",
+        "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['family']} | {r['checkpoint']} | {r['text']} | {r['vision']} | {r['layers']} | "
+            f"{r['prompts']:,} | {r['hub']:,} | {r['head']:,} | **{r['total'] / 1e6:.2f}M** | "
+            f"{r['backbone'] / 1e6:,.0f}M | {100 * r['total'] / r['backbone']:.3f}% |"
+        )
+    return "\n".join(lines)
+
+
 def _on_meta(config: object) -> PreTrainedModel:
     with torch.device("meta"):
         return AutoModel.from_config(config)
@@ -164,7 +229,7 @@ def count(checkpoint: Checkpoint, config: MITPConfig | None = None) -> dict:
         "family": checkpoint.family,
         "checkpoint": checkpoint.checkpoint,
         "text": f"{len(towers['text'].layers)} x {towers['text'].width}",
-        "vision": f"{len(towers['vision'].layers)} x {towers['vision'].width}",
+        "vision": f"{towers['vision'].usable_depth or len(towers['vision'].layers)} x {towers['vision'].width}",
         "layers": f"{adapter.text_layers} / {adapter.vision_layers}",
         "prompts": sum(v for n, v in trainable.items() if "mitp_prompt" in n),
         "hub": sum(v for n, v in trainable.items() if "mitp_hub" in n),
@@ -198,6 +263,8 @@ def markdown(rows: list[dict]) -> str:
 def main() -> None:
     logging.set_verbosity_error()
     print(markdown([count(c) for c in CHECKPOINTS]))
+    print()
+    print(decoder_markdown([count(c) for c in DECODER_CHECKPOINTS]))
 
 
 if __name__ == "__main__":

@@ -164,12 +164,15 @@ class TowerSpec:
             `TokenArgument`); default none. With `layers=None` the tower type's `TOWER_TOKEN_ARGUMENTS` are added.
         packed: the layers take the images packed into one (N, D) sequence without a batch dimension, split by a
             `cu_seqlens` argument (Qwen2-VL's vision tower); each image then gets its own prompts inside its segment.
+        width: the tower config's attribute holding its layers' width ("hidden_size"; Qwen2-VL's vision tower keeps
+            it in "embed_dim" and its output width in "hidden_size").
     """
 
     module: str
     layers: str | None = None
     token_arguments: tuple[TokenArgument, ...] = ()
     packed: bool = False
+    width: str = "hidden_size"
 
 
 def _projection_dims(config: Any) -> tuple[int, int]:
@@ -468,7 +471,7 @@ def resolve_tower(backbone: nn.Module, spec: TowerSpec, kind: str) -> ResolvedTo
         module=module,
         layers=layers,
         layers_path=f"{spec.module}.{layers_path}",
-        width=config.hidden_size,
+        width=getattr(config, spec.width),
         attn_implementation=getattr(config, "_attn_implementation", None),
         token_arguments=token_arguments,
         packed=spec.packed,
@@ -627,9 +630,6 @@ register_family(
 
 
 # ------------------------------------------------------------------------------------ decoder vision-language models
-# Vision towers of decoder VLMs that are not also dual-encoder towers (checked by tests/test_decoder_vlms.py).
-TOWER_LAYER_PATHS.update({"idefics3_vision": "encoder.layers", "smolvlm_vision": "encoder.layers"})
-
 _DECODER_UNCHECKED = (
     "its layout has not been described to MITP yet (it is not in the decoder-family table, so no test shows that "
     "MITP runs on it)"
@@ -723,7 +723,7 @@ register_decoder_family(
     DecoderFamily(
         name="idefics3",
         model_types=("idefics3", "smolvlm"),
-        vision=TowerSpec("vision_model"),
+        vision=TowerSpec("vision_model", "encoder.layers"),
         # The pixel-shuffle connector; images may be split into crops, `pixel_attention_mask` marks real pixels.
         language=TowerSpec("text_model", "layers", (ROTARY,)),
         inputs=("pixel_values", "pixel_attention_mask"),
@@ -733,11 +733,20 @@ register_decoder_family(
 register_decoder_family(
     DecoderFamily(
         name="qwen2-vl",
-        model_types=("qwen2_vl", "qwen2_5_vl"),
+        model_types=("qwen2_vl",),
         # Packed patches: every image's patches in one (N, D) sequence, split by `cu_seqlens` from `image_grid_thw`.
-        vision=TowerSpec("visual", "blocks", (ROTARY,), packed=True),
+        vision=TowerSpec("visual", "blocks", (ROTARY,), packed=True, width="embed_dim"),
         inputs=("pixel_values", "image_grid_thw", "mm_token_type_ids"),
         # 3-D rotary positions (time, height, width) computed by the model from the ids, the grid and the mask.
+        positions_from_mask=False,
+    )
+)
+register_decoder_family(
+    DecoderFamily(
+        name="qwen2.5-vl",
+        model_types=("qwen2_5_vl",),
+        vision=TowerSpec("visual", "blocks", (ROTARY,), packed=True),
+        inputs=("pixel_values", "image_grid_thw", "mm_token_type_ids"),
         positions_from_mask=False,
     )
 )

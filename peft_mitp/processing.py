@@ -23,7 +23,7 @@ from transformers import (
     VisionTextDualEncoderProcessor,
 )
 
-from .families import BackboneFamily, family_for
+from .families import BackboneFamily, DecoderFamily, family_for
 from .remote import HUB_KWARGS, REACHABILITY_KWARGS, check_hub_reachable
 
 # Tokenizers without a recorded limit report a huge `model_max_length`; below this it is a real limit.
@@ -51,14 +51,14 @@ class ImageTextProcessor:
             otherwise no truncation (a family that pads to the maximum length then needs it).
     """
 
-    def __init__(self, processor: Any, family: BackboneFamily, max_length: int | None = None) -> None:
+    def __init__(self, processor: Any, family: BackboneFamily | DecoderFamily, max_length: int | None = None) -> None:
         self.processor = processor
         self.family = family
         if max_length is None:
             limit = getattr(getattr(processor, "tokenizer", None), "model_max_length", None)
             max_length = int(limit) if limit is not None and limit < _NO_LIMIT else None
         self.max_length = max_length
-        if family.text_padding == "max_length" and max_length is None:
+        if getattr(family, "text_padding", "longest") == "max_length" and max_length is None:
             raise ValueError(
                 f"{family.name} texts are padded to a fixed length, but the tokenizer records no `model_max_length`: "
                 "pass `max_length=` (the text tower's `max_position_embeddings`, e.g. 64 for SigLIP)."
@@ -67,7 +67,27 @@ class ImageTextProcessor:
     @property
     def model_input_names(self) -> tuple[str, ...]:
         """The inputs this processor returns when their modality is given (the family's routed inputs)."""
+        if isinstance(self.family, DecoderFamily):
+            return ("input_ids", "attention_mask", *self.family.inputs)
         return self.family.text_inputs + self.family.vision_inputs
+
+    def _with_image_placeholders(self, texts: str | list[str]) -> list[str]:
+        """A decoder VLM's texts with the image in them: the processor's chat template (a user turn holding the image
+        and the text, then the assistant's turn, whose first position is the last token the head reads), or the
+        processor's image token before the text when it has no template."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if getattr(self.processor, "chat_template", None):
+            return [
+                self.processor.apply_chat_template(
+                    [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}],
+                    add_generation_prompt=True,
+                )
+                for text in texts
+            ]
+        token = getattr(self.processor, "image_token", None)
+        if token is None:
+            return texts
+        return [text if token in text else f"{token}{text}" for text in texts]
 
     def __call__(
         self,
@@ -92,8 +112,12 @@ class ImageTextProcessor:
         if images is None and texts is None:
             raise ValueError("Give `images`, `texts`, or both.")
         options: dict[str, Any] = {}
+        if isinstance(self.family, DecoderFamily):
+            if images is None or texts is None:
+                raise ValueError(f"A {self.family.name} model classifies image-text pairs: give `images` and `texts`.")
+            texts = self._with_image_placeholders(texts)
         if texts is not None:
-            options["padding"] = "max_length" if self.family.text_padding == "max_length" else "longest"
+            options["padding"] = "max_length" if getattr(self.family, "text_padding", "") == "max_length" else "longest"
             if self.max_length is not None:
                 options.update(truncation=True, max_length=self.max_length)
         options.update(kwargs)
@@ -107,7 +131,7 @@ class ImageTextProcessor:
 
     def __repr__(self) -> str:
         return (
-            f"ImageTextProcessor(family={self.family.name!r}, padding={self.family.text_padding!r}, "
+            f"ImageTextProcessor(family={self.family.name!r}, padding={getattr(self.family, 'text_padding', 'longest')!r}, "
             f"max_length={self.max_length}, processor={type(self.processor).__name__})"
         )
 
@@ -182,7 +206,7 @@ def load_processor(
     if in_memory:
         config = _model_config(name_or_path)
         family = family_for(config.model_type)
-        if family.text.layers is None:  # towers combined from two checkpoints: ask for theirs
+        if isinstance(family, BackboneFamily) and family.text.layers is None:  # towers from two checkpoints
             pair = (
                 getattr(config.text_config, "_name_or_path", "") or None,
                 getattr(config.vision_config, "_name_or_path", "") or None,
@@ -227,7 +251,7 @@ def load_processor(
         text_config = AutoConfig.from_pretrained(pair[0], **hub_kwargs)
         text_config = getattr(text_config, "text_config", None) or text_config
 
-    if max_length is None and family.text_padding == "max_length":
+    if max_length is None and getattr(family, "text_padding", "longest") == "max_length":
         limit = getattr(getattr(processor, "tokenizer", None), "model_max_length", None)
         if limit is None or limit >= _NO_LIMIT:
             max_length = getattr(text_config, "max_position_embeddings", None)

