@@ -578,6 +578,9 @@ class MITPForImageTextClassification(PreTrainedModel):
         token_type_ids: torch.Tensor | None = None,
         pixel_attention_mask: torch.Tensor | None = None,
         spatial_shapes: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+        mm_token_type_ids: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> SequenceClassifierOutput:
         """Classify image-text pairs.
@@ -600,6 +603,8 @@ class MITPForImageTextClassification(PreTrainedModel):
                 Chinese-CLIP, AltCLIP, FLAVA); named here so that `Trainer` keeps the column.
             pixel_attention_mask: (B, P) mask of real patches, for SigLIP 2 (NaFlex) image processors.
             spatial_shapes: (B, 2) patch-grid shapes, for SigLIP 2 (NaFlex) image processors.
+            image_sizes / image_grid_thw / mm_token_type_ids: decoder VLM inputs (LLaVA-NeXT's image sizes, Qwen2-VL's
+                patch grids and multimodal token types), named here so that `Trainer` keeps the columns.
             **kwargs: other family-specific inputs (see `BackboneFamily.text_inputs` / `vision_inputs`); Trainer's
                 `num_items_in_batch` is ignored.
 
@@ -621,6 +626,9 @@ class MITPForImageTextClassification(PreTrainedModel):
             token_type_ids=token_type_ids,
             pixel_attention_mask=pixel_attention_mask,
             spatial_shapes=spatial_shapes,
+            image_sizes=image_sizes,
+            image_grid_thw=image_grid_thw,
+            mm_token_type_ids=mm_token_type_ids,
             **kwargs,
         )
         features = torch.cat([text, image], dim=-1).to(self.classifier.weight.dtype)
