@@ -174,6 +174,10 @@ class MITPLayer(nn.Module, BaseTunerLayer):
         readout = hidden[:, seq_len:]
         tower.send_readout(pair, readout, self._mitp_hubs[adapter])
         stripped = hidden[:, :seq_len]
+        if not torch.is_grad_enabled():
+            # The scheduler ended autograd after this read-out (a decoder VLM's last vision pair): nothing downstream
+            # needs this layer's graph.
+            stripped = stripped.detach()
         if collected is not None:
             # transformers records `output_hidden_states` with a hook on the wrapped layer's class, so it saw the
             # sequence with the prompts: record what the caller sees instead (a VLM that reads a middle vision layer,
@@ -243,6 +247,8 @@ class MITPLayer(nn.Module, BaseTunerLayer):
         readout = hidden[~is_patch].reshape(images, num_prompts, -1)
         tower.send_readout(pair, readout, self._mitp_hubs[adapter])
         stripped = hidden[is_patch]
+        if not torch.is_grad_enabled():
+            stripped = stripped.detach()
         return stripped if not isinstance(output, tuple) else (stripped, *output[1:])
 
     def _name_arguments(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
