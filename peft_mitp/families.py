@@ -750,3 +750,33 @@ register_decoder_family(
         positions_from_mask=False,
     )
 )
+register_decoder_family(
+    DecoderFamily(
+        name="vipllava",
+        model_types=("vipllava",),
+        vision=TowerSpec("vision_tower"),
+        # The projector reads several vision layers (`vision_feature_layers`); interaction stays at or below the
+        # deepest of them.
+        last_vision_layer=_vision_feature_layer,
+    )
+)
+register_decoder_family(
+    DecoderFamily(
+        name="aya-vision",
+        model_types=("aya_vision",),
+        vision=TowerSpec("vision_tower"),
+        last_vision_layer=_vision_feature_layer,
+    )
+)
+register_decoder_family(DecoderFamily(name="cohere2-vision", model_types=("cohere2_vision",),
+                                      vision=TowerSpec("vision_tower")))
+register_decoder_family(
+    DecoderFamily(
+        name="internvl",
+        model_types=("internvl",),
+        vision=TowerSpec("vision_tower", "encoder.layer"),
+        last_vision_layer=_vision_feature_layer,
+    )
+)
+register_decoder_family(DecoderFamily(name="deepseek-vl", model_types=("deepseek_vl",),
+                                      vision=TowerSpec("vision_model")))

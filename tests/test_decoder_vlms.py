@@ -48,6 +48,12 @@ CASES = {
     # Qwen2-VL's blocks are `embed_dim` wide; `hidden_size` is the merger's output width (the language model's).
     "qwen2_vl": ({}, QWEN_TEXT, {**QWEN_VISION, "embed_dim": 16, "num_heads": 2}),
     "qwen2_5_vl": ({}, QWEN_TEXT, QWEN_VISION),
+    # further families the same table entry serves
+    "vipllava": ({}, {}, {"num_hidden_layers": 12}),  # reads vision layers -2, -5, -8, -11 and 6
+    "aya_vision": ({}, {}, {}),
+    "cohere2_vision": ({}, {}, {}),
+    "internvl": ({}, {}, {}),
+    "deepseek_vl": ({}, {}, {}),
 }
 REQUIRED = sorted(CASES)
 
@@ -88,9 +94,15 @@ def make_inputs(model_type: str, base: torch.nn.Module, batch: int = 2, seed: in
     elif model_type in ("idefics3", "smolvlm"):
         pixels = torch.randn(batch, 1, 3, 32, 32, generator=g)
         counts = [4] * batch  # 16 patches, pixel-shuffled by 2x2
-    else:
+    elif model_type in ("llava", "paligemma", "gemma3"):
         pixels = torch.randn(batch, 3, 32, 32, generator=g)
         counts = [4 if model_type == "gemma3" else 16] * batch
+    else:  # as many placeholder tokens as the stock model's image features have rows
+        pixels = torch.randn(batch, 3, 32, 32, generator=g)
+        with torch.no_grad():
+            features = base.get_image_features(pixel_values=pixels)
+        features = getattr(features, "pooler_output", features)
+        counts = [f.shape[0] for f in features]
     rows = [[1] + [IMAGE] * n + torch.randint(3, 90, (3 + (i if padding != "none" else 0),), generator=g).tolist()
             for i, n in enumerate(counts)]
     pad = {"none": 0, "left": 2, "right": 2}[padding]
@@ -278,7 +290,7 @@ def test_every_image_text_to_text_family_is_supported_or_refused_with_the_reason
         else:  # a dual encoder that is also in the mapping (BLIP)
             assert model_type in peft_mitp.families.supported_model_types()
             continue
-        assert repr(model_type) in message and "gemma3, idefics3, llava" in message, message
+        assert repr(model_type) in message and ", ".join(sorted(supported)) in message, message
         if model_type in DECODER_REFUSED:
             assert DECODER_REFUSED[model_type] in message
 
