@@ -1,8 +1,9 @@
 """Data-parallel training: Trainer under `torchrun` with 2 CPU processes (DDP, gloo) matches one process; the
-supported FSDP wrap policy, and what it refuses."""
+supported FSDP wrap policy, and what it refuses; an MITPLayer recomputed in backward by a checkpoint wrapper."""
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -14,10 +15,11 @@ from conftest import clip_inputs, make_model, tiny_clip
 from peft import get_peft_model
 from test_resume import final_adapter, train_env, write_train_script
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import BertConfig, VisionTextDualEncoderConfig, VisionTextDualEncoderModel, ViTConfig
 
 import peft_mitp
-from peft_mitp import MITPForImageTextClassification
+from peft_mitp import MITPForImageTextClassification, MITPLayer
 
 # 16 samples: one global batch of 16 per step, as 2 processes x 8 or 1 process x 16. Every step sees the whole data
 # set in both runs, so shuffling cannot make them differ; only the order of float additions does.
@@ -190,3 +192,29 @@ def test_prepare_fsdp_refuses_what_is_not_an_mitp_model_or_a_trainable_scalar():
         peft_mitp.prepare_fsdp(model)
 
 
+# --------------------------------------------------------------------- activation checkpointing around an MITPLayer
+class _Checkpointed(nn.Module):
+    """What an activation-checkpoint wrapper around an MITPLayer does: recompute it in backward."""
+
+    def __init__(self, layer: nn.Module, use_reentrant: bool) -> None:
+        super().__init__()
+        self.layer, self.use_reentrant = layer, use_reentrant
+
+    def forward(self, hidden_states, *args, **kwargs):
+        # Reentrant checkpointing takes no keyword arguments: bind them.
+        return checkpoint(functools.partial(self.layer, **kwargs), hidden_states, *args, use_reentrant=self.use_reentrant)
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_a_checkpoint_wrapper_around_an_mitp_layer_is_refused_when_it_recomputes(use_reentrant):
+    model = make_model()
+    layers = model.base_model.model.backbone.text_model.encoder.layers
+    # The second interaction layer: the first one starts in no-grad mode (nothing below it trains), where
+    # checkpointing records nothing to recompute.
+    index = [i for i, layer in enumerate(layers) if isinstance(layer, MITPLayer)][1]
+    layers[index] = _Checkpointed(layers[index], use_reentrant)
+    # The forward runs the MITPLayer inside the lock-step, as always; the recomputation in backward would run it
+    # outside, without prompts (reentrant checkpointing would then silently give the prompts no gradient).
+    loss = model(**clip_inputs(), labels=torch.tensor([0, 1, 2, 3])).loss
+    with pytest.raises(RuntimeError, match="re-run during backward, outside MITP's lock-step forward"):
+        loss.backward()
