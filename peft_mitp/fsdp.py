@@ -32,7 +32,8 @@ def _task_model(model: nn.Module) -> nn.Module:
     if not hasattr(base, "mitp_towers"):
         raise TypeError(
             f"FSDP settings for MITP need a model with an MITP adapter, got {type(model).__name__}. Call this on "
-            "what `get_peft_model(MITPForImageTextClassification..., MITPConfig(...))` returned."
+            "the PeftModel that `get_peft_model(task_model, MITPConfig(...))` returned for an "
+            "`MITPForImageTextClassification`."
         )
     if not any(isinstance(m, MITPLayer) for m in base.modules()):
         raise ValueError(
