@@ -14,6 +14,7 @@ from .families import (
     register_family,
     supported_model_types,
 )
+from .fsdp import fsdp_layer_classes, prepare_fsdp
 from .hub import HubOutput, MemoryHub
 from .layer import MITPLayer
 from .lockstep import LockstepError
@@ -44,9 +45,11 @@ __all__ = [
     "TokenArgument",
     "TowerSpec",
     "UnsupportedBackboneError",
+    "fsdp_layer_classes",
     "install_hooks",
     "load_adapter_model",
     "load_processor",
+    "prepare_fsdp",
     "push_adapter_to_hub",
     "register",
     "register_family",

@@ -1,4 +1,4 @@
-"""Every private peft / transformers name the plugin relies on, in one place, with a check that they still exist.
+"""Every private peft, transformers or torch name the plugin relies on, in one place, with a check that it exists.
 
 peft offers no public extension point for some of what MITP needs (a tuner-level memory hub, encoder layers rather
 than linear layers as targets, adapter names nested in state-dict keys). MITP then overrides or calls a private
@@ -66,6 +66,8 @@ INTERNALS: tuple[Internal, ...] = (
              "`output_hidden_states` of an interaction layer without the prompts (layer.py); VLMs read middle layers"),
     Internal("transformers:PretrainedConfig", "_attn_implementation_internal", (),
              "reads/sets each tower's attention implementation (modeling.py)"),
+    Internal("torch:_C", "_current_graph_task_id", (),
+             "refuses an MITPLayer re-run in backward by a checkpoint wrapper around it (layer.py)"),
 )
 
 

@@ -14,6 +14,21 @@ from .families import TokenArgumentKind
 from .lockstep import current_tower
 from .prompt_mask import extend_attention_mask
 
+_RECOMPUTED_OUTSIDE_LOCKSTEP = (
+    "An MITP interaction layer of the {tower} tower was re-run during backward, outside MITP's lock-step forward, "
+    "where it would run without its prompts and its hub exchange (wrong gradients). An activation-checkpoint wrapper "
+    "sits around the MITPLayer or a module holding it: FSDP's `activation_checkpointing` with "
+    "`transformer_layer_cls_to_wrap` naming MITPLayer or an encoder, `checkpoint_wrapper`, or `torch.utils.checkpoint` "
+    "around it. Checkpoint the encoder layers an MITPLayer wraps instead: `model.activation_checkpointing_enable()`, "
+    "or under FSDP `fsdp_config=peft_mitp.prepare_fsdp(model, {{'activation_checkpointing': True}})` "
+    "(docs/reliability.md)."
+)
+
+
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass (where checkpoint wrappers recompute their forward)."""
+    return torch._C._current_graph_task_id() != -1
+
 
 class MITPLayer(nn.Module, BaseTunerLayer):
     """Wraps one encoder layer of a frozen tower and runs it with temporal prompts appended.
@@ -103,8 +118,13 @@ class MITPLayer(nn.Module, BaseTunerLayer):
             )
         return active[0] if active else None
 
+    def _uses_active_adapter(self) -> bool:
+        return any(name in self.mitp_prompt for name in self.active_adapters)
+
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         tower = current_tower(self.mitp_tower)
+        if tower is None and not self.disable_adapters and _in_backward() and self._uses_active_adapter():
+            raise RuntimeError(_RECOMPUTED_OUTSIDE_LOCKSTEP.format(tower=self.mitp_tower))
         adapter = None if (self.disable_adapters or tower is None) else self._active_prompt()
         if adapter is None:
             return self.base_layer(hidden_states, *args, **kwargs)

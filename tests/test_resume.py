@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 
 TESTS_DIR = Path(__file__).resolve().parent
 
-# One training script for the kill-and-resume test here and the data-parallel test in test_distributed.py. It runs as
-# a plain process or as one rank under `torchrun`; the tiny CLIP and its inputs come from conftest.
+# One training script for the kill-and-resume test here and the data-parallel and FSDP tests in test_distributed.py.
+# It runs as a plain process or as one rank under `torchrun`; the tiny CLIP and its inputs come from conftest.
 TRAIN_SCRIPT = r'''
 """Train a tiny MITP adapter with transformers.Trainer on a small synthetic data set."""
 import argparse
@@ -27,6 +27,8 @@ import os
 import signal
 
 import torch
+from accelerate import PartialState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from conftest import clip_inputs, make_model
 from datasets import Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -43,6 +45,10 @@ parser.add_argument("--hold-at-step", type=int, default=0, help="after this step
 parser.add_argument("--resume", action="store_true", help="resume from the last complete checkpoint in --out")
 parser.add_argument("--missing-modality", action="store_true", help="adapter with stand-ins and modality dropout")
 parser.add_argument("--gradient-checkpointing", action="store_true", help="non-reentrant gradient checkpointing")
+parser.add_argument("--fsdp", action="store_true", help="FSDP2 with fsdp_config=peft_mitp.prepare_fsdp(model)")
+parser.add_argument(
+    "--fsdp-activation-checkpointing", action="store_true", help="with --fsdp: FSDP's activation checkpointing"
+)
 args = parser.parse_args()
 torch.set_num_threads(1)
 
@@ -62,6 +68,44 @@ def dataset(n):
     ).with_format("torch")
 
 
+class CPUFSDPTrainer(Trainer):
+    """Trainer that runs FSDP on CPU processes.
+
+    accelerate 1.15 turns FSDP on only for accelerator devices: on CPU (`MULTI_CPU`) it keeps the FSDP plugin aside
+    and silently trains with DDP. This sets the FSDP state for CPU as `AcceleratorState` sets it on a GPU (its
+    distributed type, in its own and `PartialState`'s shared state, and the plugin), so that Trainer and accelerate
+    take their FSDP2 paths (`fully_shard`, full-state-dict saving) unchanged.
+    """
+
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        state = self.accelerator.state
+        if self.args.fsdp_plugin_args is not None and state.distributed_type == DistributedType.MULTI_CPU:
+            state.fsdp_plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
+            state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+            self.is_fsdp_enabled = True
+
+
+def fsdp_layout(wrapped):
+    """What FSDP did to the model: its units and checkpoint wrappers (by class) and the share of weights held here."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    def original(module):
+        return next(c for c in type(module).__mro__ if not issubclass(c, FSDPModule)).__name__
+
+    units = sorted(original(m) for m in wrapped.modules() if isinstance(m, FSDPModule))
+    checkpointed = sorted(original(m._checkpoint_wrapped_module) for m in wrapped.modules()
+                          if hasattr(m, "_checkpoint_wrapped_module"))
+    frozen = [p for p in wrapped.parameters() if not p.requires_grad]
+    local = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in frozen)
+    return {
+        "fsdp_units": units,
+        "checkpoint_wrapped": checkpointed,
+        "frozen_local_fraction": local / sum(p.numel() for p in frozen),
+    }
+
+
 class HoldAfterStep(TrainerCallback):
     def on_step_end(self, training_args, state, control, **kwargs):
         if state.global_step == args.hold_at_step:
@@ -75,6 +119,11 @@ if args.missing_modality:
         prompt_length=4, num_interaction_layers=2, hub_dim=16, missing_modality=True, modality_dropout=0.5
     )
 model = make_model(config, num_labels=4)
+fsdp_config = None
+if args.fsdp:
+    fsdp_config = peft_mitp.prepare_fsdp(
+        model, {"activation_checkpointing": True} if args.fsdp_activation_checkpointing else None
+    )
 training_args = TrainingArguments(
     output_dir=args.out,
     per_device_train_batch_size=args.batch,
@@ -92,8 +141,12 @@ training_args = TrainingArguments(
     ddp_find_unused_parameters=False,
     gradient_checkpointing=args.gradient_checkpointing,
     gradient_checkpointing_kwargs={"use_reentrant": False} if args.gradient_checkpointing else None,
+    fsdp=args.fsdp,
+    fsdp_config=fsdp_config,
 )
-trainer = Trainer(model=model, args=training_args, train_dataset=dataset(args.samples), callbacks=[HoldAfterStep()])
+trainer = CPUFSDPTrainer(
+    model=model, args=training_args, train_dataset=dataset(args.samples), callbacks=[HoldAfterStep()]
+)
 resume = None
 if args.resume:
     # A kill during a save leaves a folder without trainer_state.json (written last): skip those.
@@ -115,6 +168,9 @@ if trainer.is_world_process_zero():
         "resumed_from": resume,
         "losses": losses,
     }
+    if trainer.is_fsdp_enabled:
+        info["fsdp_version"] = trainer.accelerator.state.fsdp_plugin.fsdp_version
+        info.update(fsdp_layout(trainer.model_wrapped))
     with open(os.path.join(args.out, "run.json"), "w") as f:
         json.dump(info, f)
 '''
