@@ -361,3 +361,19 @@ def test_the_processor_puts_the_image_into_each_text_and_keeps_the_family_inputs
     assert ((batch["input_ids"] == image_id).sum(dim=1) == 16).all()
     with pytest.raises(ValueError, match="give `images` and `texts`"):
         processor(None, ["no image"])
+
+
+def test_from_pretrained_on_a_saved_conditional_generation_checkpoint_loads_its_weights(tmp_path):
+    from transformers import LlavaForConditionalGeneration
+
+    torch.manual_seed(3)
+    full = LlavaForConditionalGeneration(build("llava").config).eval()
+    full.save_pretrained(tmp_path / "llava")
+    task = MITPForImageTextClassification.from_pretrained(tmp_path / "llava", num_labels=3)
+    assert type(task.backbone).__name__ == "LlavaModel"
+    for name, tensor in full.model.state_dict().items():
+        assert torch.equal(task.backbone.state_dict()[name], tensor), name
+    model = get_peft_model(task, MITPConfig(num_interaction_layers=2, prompt_length=2, hub_dim=16))
+    model.save_pretrained(tmp_path / "adapter")
+    card = (tmp_path / "adapter" / "README.md").read_text()
+    assert "MITP" in card
