@@ -21,6 +21,7 @@ from .lockstep import LockstepError
 from .model import MITPModel
 from .modeling import MITPForImageTextClassification, MITPTaskConfig
 from .processing import ImageTextProcessor, load_processor
+from .quantization import quantize_backbone
 from .registration import register
 from .remote import HubUnreachableError
 from .sharing import install_hooks, load_adapter_model, push_adapter_to_hub, save_adapter
@@ -47,6 +48,7 @@ __all__ = [
     "UnsupportedBackboneError",
     "fsdp_layer_classes",
     "install_hooks",
+    "quantize_backbone",
     "load_adapter_model",
     "load_processor",
     "prepare_fsdp",

@@ -280,7 +280,10 @@ class MITPForImageTextClassification(PreTrainedModel):
             num_labels / id2label / problem_type / classifier_dropout: the head, for a dual-encoder checkpoint
                 (a saved task model brings its own).
             **kwargs: passed to `from_pretrained` of the backbone (`dtype`, `attn_implementation`, `revision`,
-                `token`, `cache_dir`, `local_files_only`, ...).
+                `token`, `cache_dir`, `local_files_only`, ...). `quantization_config`: a `BitsAndBytesConfig`
+                (8-bit; the encoder layers are quantized, projections and poolers kept) or a `TorchAoConfig`
+                (int8 weight-only, applied by `peft_mitp.quantize_backbone` after loading); the adapter stays
+                float32 (docs/reliability.md, "Quantized backbones").
 
         Raises:
             HubUnreachableError: a Hub id that is not in the local cache, and the Hub cannot be reached (at once, not
@@ -294,12 +297,27 @@ class MITPForImageTextClassification(PreTrainedModel):
         }
         from .offline_backbone import build_offline_backbone, is_offline_backbone_name
 
+        quantization = kwargs.pop("quantization_config", None)
+        torchao = quantization is not None and type(quantization).__name__ == "TorchAoConfig"
+        if quantization is not None and not torchao and type(quantization).__name__ != "BitsAndBytesConfig":
+            raise TypeError(
+                f"`quantization_config` must be a `transformers.BitsAndBytesConfig` or `TorchAoConfig`, got "
+                f"{type(quantization).__name__} (docs/reliability.md, 'Quantized backbones')."
+            )
         if kwargs.get("config") is None and is_offline_backbone_name(pretrained_model_name_or_path):
             # The packaged offline backbone: built from installed packages, never looked up on the Hub.
             backbone = build_offline_backbone()
             if kwargs.get("dtype") not in (None, "auto"):
                 dtype = kwargs["dtype"]
                 backbone.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+            if quantization is not None and not torchao:
+                # bitsandbytes quantizes while loading: load the built backbone back from a temporary folder.
+                from .quantization import load_quantized, saved_for_quantized_loading
+
+                name = backbone.config._name_or_path  # what `load_processor` recognises the offline backbone by
+                with saved_for_quantized_loading(backbone) as folder:
+                    backbone = load_quantized(folder, quantization, backbone.config, AutoModel.from_pretrained)
+                backbone.config._name_or_path = name
         else:
             if kwargs.get("config") is None:
                 check_hub_reachable(
@@ -307,6 +325,11 @@ class MITPForImageTextClassification(PreTrainedModel):
                 )
             config = kwargs.get("config") or AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
             if isinstance(config, MITPTaskConfig):
+                if quantization is not None:
+                    raise ValueError(
+                        "`quantization_config` applies to a backbone checkpoint; a saved task model loads as it was "
+                        "saved. Load the backbone checkpoint with `quantization_config` instead."
+                    )
                 head = {"num_labels": num_labels, "id2label": id2label, "problem_type": problem_type}
                 for key, value in head.items():
                     if value is not None:
@@ -314,7 +337,17 @@ class MITPForImageTextClassification(PreTrainedModel):
                 return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
             family_for(config.model_type)
             kwargs.pop("config", None)
-            backbone = AutoModel.from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
+            if quantization is not None and not torchao:
+                from .quantization import load_quantized
+
+                backbone = load_quantized(
+                    pretrained_model_name_or_path, quantization, config,
+                    lambda *a, **k: AutoModel.from_pretrained(*a, *model_args, **k), **kwargs
+                )
+            else:
+                backbone = AutoModel.from_pretrained(
+                    pretrained_model_name_or_path, *model_args, config=config, **kwargs
+                )
         # No head size given: build a placeholder head that the MITP adapter loaded next sizes from what it recorded
         # (`PeftModel.from_pretrained`, `AutoPeftModel`); `get_peft_model` refuses it (docs/sharing.md).
         pending = num_labels is None and id2label is None
@@ -331,6 +364,10 @@ class MITPForImageTextClassification(PreTrainedModel):
                 "a placeholder, sized by the MITP adapter you load next. To train a new adapter, pass num_labels=..."
             )
             model.mitp_head_pending = True
+        if torchao:
+            from .quantization import quantize_backbone
+
+            quantize_backbone(model, quantization)
         return model
 
     @classmethod

@@ -24,6 +24,7 @@ from peft_mitp_cli.options import OFFLINE_BACKBONE, TrainOptions
 from .card import TRAINING_INFO_FILE, parameter_counts
 from .modeling import MITPForImageTextClassification
 from .processing import ImageTextProcessor, load_processor
+from .quantization import quantization_config, quantize_backbone
 
 logger = logging.getLogger(__name__)
 
@@ -58,14 +59,21 @@ def build_task_model(
         "problem_type": "multi_label_classification" if multi_label else "single_label_classification",
     }
     if text_backbone and vision_backbone:
+        quantization = from_pretrained_kwargs.get("quantization_config")
+        torchao = type(quantization).__name__ == "TorchAoConfig"
+        if torchao:  # quantized after loading (transformers' torchao loading cannot run on dual encoders)
+            from_pretrained_kwargs = {k: v for k, v in from_pretrained_kwargs.items() if k != "quantization_config"}
         model = MITPForImageTextClassification.from_text_vision_pretrained(
             text_backbone, vision_backbone, **head, **from_pretrained_kwargs
         )
+        if torchao:
+            quantize_backbone(model, quantization)
         return model, load_processor(text_name_or_path=text_backbone, vision_name_or_path=vision_backbone)
     if backbone == OFFLINE_BACKBONE:
-        from .offline_backbone import build_offline_backbone, offline_processor
+        from .offline_backbone import offline_processor
 
-        return MITPForImageTextClassification.from_backbone(build_offline_backbone(), **head), offline_processor()
+        model = MITPForImageTextClassification.from_pretrained(OFFLINE_BACKBONE, **head, **from_pretrained_kwargs)
+        return model, offline_processor()
     model = MITPForImageTextClassification.from_pretrained(backbone, **head, **from_pretrained_kwargs)
     return model, load_processor(backbone)
 
@@ -208,8 +216,10 @@ def train(options: TrainOptions) -> dict[str, Any]:
     output.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     data, label_names, multi_label = load_data(options)
+    quantization = quantization_config(options.quantization)
     base, processor = build_task_model(
-        label_names, multi_label, options.backbone, options.text_backbone, options.vision_backbone
+        label_names, multi_label, options.backbone, options.text_backbone, options.vision_backbone,
+        **({"quantization_config": quantization} if quantization is not None else {}),
     )
     model = get_peft_model(base, options.mitp_config())
     counts = parameter_counts(model)  # the model card's count (peft's total counts the replaced head twice)
@@ -361,6 +371,9 @@ def load_trained(adapter_dir: str | Path, **from_pretrained_kwargs: Any) -> tupl
 
     info = load_training_info(adapter_dir)
     adapter_dir = _adapter_folder(adapter_dir)
+    quantization = quantization_config(info.get("options", {}).get("quantization", "none"))
+    if quantization is not None:  # the backbone the adapter was trained on
+        from_pretrained_kwargs.setdefault("quantization_config", quantization)
     base, processor = build_task_model(
         info["label_names"],
         info["multi_label"],

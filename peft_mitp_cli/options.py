@@ -18,6 +18,9 @@ SIMILARITIES = ("scaled_dot", "cosine", "dot")
 ACTIVATIONS = ("softmax", "hard")
 CONSOLIDATIONS = ("cross", "joint")
 PRECISIONS = ("fp32", "bf16", "fp16")
+QUANTIZATIONS = ("none", "int8", "bnb-int8", "bnb-nf4")
+"""`--quantization`: the frozen backbone's encoder layers in full precision, torchao int8 weight-only, or bitsandbytes
+8-bit / 4-bit NF4 (`peft_mitp.quantization.quantization_config`)."""
 ADAPTER_OPTIONS = (
     "prompt_length", "text_layers", "vision_layers", "num_interaction_layers", "hub_dim", "similarity", "temperature",
     "activation", "consolidation", "gate_init", "interaction", "memory",
@@ -56,6 +59,8 @@ class TrainOptions:
         activation, consolidation, gate_init, interaction, memory: the `MITPConfig` (see docs/method.md).
         epochs, batch_size, learning_rate, weight_decay, warmup_ratio, max_steps, seed: the Trainer schedule.
         precision: "fp32", "bf16" or "fp16" (mixed precision of the Trainer; the adapter stays float32).
+        quantization: "none", "int8" (torchao weight-only), "bnb-int8" or "bnb-nf4" (bitsandbytes): the frozen
+            backbone's encoder layers stored and run quantized (docs/reliability.md, "Quantized backbones").
         output_dir: where the adapter, metrics, plots and checkpoints go.
         push_to_hub: a Hub repo id to push the adapter (with its model card) to after training.
         eval_steps: evaluate every N steps (None: once per epoch).
@@ -103,6 +108,9 @@ class TrainOptions:
     max_steps: int = _opt(-1, "stop after this many optimizer steps (-1: train --epochs epochs)")
     seed: int = _opt(0, "random seed (data order, sampling of the capped splits, initialisation)")
     precision: str = _opt("fp32", "mixed precision of the Trainer (the adapter stays float32)", choices=PRECISIONS)
+    quantization: str = _opt("none", "store and run the frozen backbone's encoder layers quantized: 'int8' (torchao "
+                             "weight-only), 'bnb-int8' or 'bnb-nf4' (bitsandbytes); the adapter stays float32",
+                             choices=QUANTIZATIONS)
     output_dir: str = _opt("mitp-output", "where the adapter, metrics and plots are written")
     push_to_hub: str | None = _opt(None, "push the adapter and its model card to this Hub repo after training",
                                    metavar="REPO_ID")
