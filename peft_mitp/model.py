@@ -303,6 +303,27 @@ class MITPModel(BaseTuner):
             low_cpu_mem_usage=low_cpu_mem_usage,
             state_dict=state_dict,
         )
+        self._size_adapter_head(model, adapter_name, config)
+
+    @staticmethod
+    def _size_adapter_head(model: nn.Module, adapter_name: str, config: MITPConfig) -> None:
+        """Give the adapter's copy of the head its own size when it differs from the task model's head.
+
+        peft copies the task model's head for each adapter (`modules_to_save`); an adapter trained with another
+        number of labels needs a copy of its size before its weights load into it.
+        """
+        wrapper = getattr(model, "classifier", None)
+        if not isinstance(wrapper, ModulesToSaveWrapper) or adapter_name not in wrapper.modules_to_save:
+            return
+        copy = wrapper.modules_to_save[adapter_name]
+        if config.num_labels is None or copy.out_features == config.num_labels:
+            return
+        head = nn.Linear(copy.in_features, config.num_labels, device=copy.weight.device, dtype=copy.weight.dtype)
+        if head.weight.device.type != "meta":
+            nn.init.normal_(head.weight, std=0.02)
+            nn.init.zeros_(head.bias)
+        head.requires_grad_(copy.weight.requires_grad)
+        wrapper.modules_to_save[adapter_name] = head
 
     def _check_target_module_exists(self, peft_config: MITPConfig, key: str) -> bool:
         return key in (peft_config.target_modules or [])

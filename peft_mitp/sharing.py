@@ -65,10 +65,11 @@ def sync_adapter_head(task_model: nn.Module, config: MITPConfig) -> None:
     Called by `MITPModel` when an adapter is injected. A new adapter (`config.num_labels` None) records `num_labels`,
     `id2label` (real names only) and `problem_type`, so the adapter file says which head it needs. A loaded adapter
     sizes a placeholder head (`MITPForImageTextClassification.from_pretrained` without `num_labels`, as
-    `AutoPeftModel` builds it) and is refused, with the fix, on a head of another size or problem type.
+    `AutoPeftModel` builds it); on a real head of another size it gets its own head copy of its size (adapters on one
+    task model may have heads of different sizes), and it is refused, with the fix, on another problem type.
 
     Raises:
-        ValueError: a new adapter on a placeholder head, or a loaded adapter whose head does not fit the model's.
+        ValueError: a new adapter on a placeholder head, or a loaded adapter of another problem type.
     """
     pending = getattr(task_model, "mitp_head_pending", False)
     head = task_model.config
@@ -90,15 +91,16 @@ def sync_adapter_head(task_model: nn.Module, config: MITPConfig) -> None:
         task_model.set_head(config.num_labels, id2label=config.id2label, problem_type=config.problem_type)
         return
     single = "single_label_classification"
-    if head.num_labels != config.num_labels or (head.problem_type or single) != (config.problem_type or single):
+    if (head.problem_type or single) != (config.problem_type or single):
         raise ValueError(
-            f"This MITP adapter was trained with a head of {config.num_labels} labels "
-            f"({config.problem_type or single}), but the task model's head has {head.num_labels} "
-            f"({head.problem_type or single}). Build the base with `num_labels={config.num_labels}`"
+            f"This MITP adapter was trained as {config.problem_type or single} with {config.num_labels} labels, but "
+            f"the task model's head is {head.problem_type or single}. Build the base with "
+            f"`num_labels={config.num_labels}`"
             + (f", problem_type={config.problem_type!r}" if config.problem_type else "")
-            + ", or let `peft_mitp.load_adapter_model(adapter)` build it. Adapters on one task model share its head "
-            "size; put adapters with other label sets on their own base model."
+            + ", or let `peft_mitp.load_adapter_model(adapter)` build it. Adapters on one task model may differ in "
+            "head size but share its problem type."
         )
+    # Another head size is fine: the adapter's own copy of the head is sized to it (`MITPModel.inject_adapter`).
 
 
 # ---------------------------------------------------------------------------------------------------- saving

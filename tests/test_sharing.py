@@ -363,15 +363,21 @@ def test_non_mitp_adapters_keep_peft_and_transformers_behaviour(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------- the head
-def test_adapter_records_its_head_and_refuses_a_base_with_another_head(tmp_path):
+def test_adapter_brings_its_own_head_size_and_refuses_a_base_of_another_problem_type(tmp_path):
     model = get_peft_model(MITPForImageTextClassification.from_backbone(tiny_clip(), num_labels=3), MITPConfig(**SMALL))
-    model.save_pretrained(tmp_path)
+    model.eval().save_pretrained(tmp_path)
+    inputs = clip_inputs()
+    with torch.no_grad():
+        expected = model(**inputs).logits
     other = MITPForImageTextClassification.from_backbone(tiny_clip(), num_labels=5)
-    with pytest.raises(ValueError, match=r"trained with a head of 3 labels .* has 5 .*num_labels=3"):
-        PeftModel.from_pretrained(other, tmp_path)
+    loaded = PeftModel.from_pretrained(other, tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs).logits, expected)  # its own 3-label head, not the base's 5
+        with loaded.disable_adapter():
+            assert loaded(**inputs).logits.shape == (4, 5)
     multi = MITPForImageTextClassification.from_backbone(tiny_clip(), num_labels=3,
                                                          problem_type="multi_label_classification")
-    with pytest.raises(ValueError, match="multi_label_classification"):
+    with pytest.raises(ValueError, match=r"single_label_classification with 3 labels.*multi_label_classification"):
         PeftModel.from_pretrained(multi, tmp_path)
 
 
