@@ -17,6 +17,7 @@ from torch import nn
 from .families import DecoderFamily, ResolvedTower, TowerSpec, UnsupportedBackboneError, resolve_tower
 from .layer import MITPLayer
 from .lockstep import run_stream
+from .mixed import current_mixed_batch
 
 # Inputs every decoder family takes besides its own (`DecoderFamily.inputs`).
 COMMON_INPUTS = ("input_ids", "attention_mask", "position_ids")
@@ -146,6 +147,11 @@ def pooled_features(
     rows = None
     if family.vision_rows is not None:
         rows = family.vision_rows(backbone, inputs)
+    if current_mixed_batch() is not None and (rows is not None or towers["vision"].packed):
+        raise NotImplementedError(
+            f"Mixed-adapter batches need one vision row per sample; {family.name} splits images into tiles, crops or "
+            "packed patches. Run one batch per adapter (`model.set_adapter(name)`)."
+        )
     result = run_stream(
         lambda: backbone(**inputs, use_cache=False),
         pairs=active_pairs(towers["vision"]),

@@ -12,6 +12,7 @@ from torch import nn
 
 from .families import TokenArgumentKind
 from .lockstep import current_tower
+from .mixed import current_mixed_batch, hide_prompts_from_rows
 from .prompt_mask import extend_attention_mask
 
 _RECOMPUTED_OUTSIDE_LOCKSTEP = (
@@ -125,7 +126,12 @@ class MITPLayer(nn.Module, BaseTunerLayer):
         tower = current_tower(self.mitp_tower)
         if tower is None and not self.disable_adapters and _in_backward() and self._uses_active_adapter():
             raise RuntimeError(_RECOMPUTED_OUTSIDE_LOCKSTEP.format(tower=self.mitp_tower))
-        adapter = None if (self.disable_adapters or tower is None) else self._active_prompt()
+        mixed = current_mixed_batch() if (tower is not None and not self.disable_adapters) else None
+        if mixed is not None:
+            # One adapter per sample (`adapter_names`): the adapters share this layer's pair and prompt length.
+            adapter = next((name for name in mixed.adapters if name in self.mitp_prompt), None)
+        else:
+            adapter = None if (self.disable_adapters or tower is None) else self._active_prompt()
         if adapter is None:
             return self.base_layer(hidden_states, *args, **kwargs)
         if tower.name != self.mitp_tower:
@@ -138,9 +144,22 @@ class MITPLayer(nn.Module, BaseTunerLayer):
             # still require grad, e.g. after `enable_input_require_grads`).
             hidden_states = hidden_states.detach()
         if getattr(tower, "packed", False):
+            if mixed is not None:
+                raise NotImplementedError("Mixed-adapter batches do not support packed vision towers (Qwen2-VL).")
             return self._forward_packed(tower, adapter, pair, carry, hidden_states, args, kwargs)
-        prompts = self.mitp_prompt[adapter]
-        prompts = prompts.unsqueeze(0).expand(hidden_states.shape[0], -1, -1)
+        visible = None
+        if mixed is not None:
+            if hidden_states.shape[0] != len(mixed.names):
+                raise ValueError(
+                    f"`adapter_names` names {len(mixed.names)} samples but the {self.mitp_tower} tower runs "
+                    f"{hidden_states.shape[0]} rows: mixed-adapter batches need one image and one text per sample."
+                )
+            index, visible = mixed.table_index()
+            table = torch.stack([self.mitp_prompt[name] for name in mixed.adapters])
+            prompts = table[index.to(table.device)] * visible.to(table.device, table.dtype)[:, None, None]
+        else:
+            prompts = self.mitp_prompt[adapter]
+            prompts = prompts.unsqueeze(0).expand(hidden_states.shape[0], -1, -1)
         if carry is not None:
             # The carry comes from the hub, which may live on another device or in another dtype (`device_map`).
             prompts = prompts + carry.to(device=prompts.device, dtype=prompts.dtype)
@@ -158,11 +177,23 @@ class MITPLayer(nn.Module, BaseTunerLayer):
         is_causal = bool(is_causal)
 
         def extend_mask(mask: Any) -> Any:
-            return extend_attention_mask(
+            extended = extend_attention_mask(
                 mask,
                 seq_len=seq_len,
                 num_prompts=num_prompts,
                 is_causal=is_causal,
+                attn_implementation=tower.attn_implementation,
+                dtype=hidden_states.dtype,
+                device=hidden_states.device,
+            )
+            if visible is None:
+                return extended
+            # Samples without an adapter ("__base__"): their tokens must not see the prompt positions.
+            return hide_prompts_from_rows(
+                extended,
+                visible,
+                seq_len=seq_len,
+                num_prompts=num_prompts,
                 attn_implementation=tower.attn_implementation,
                 dtype=hidden_states.dtype,
                 device=hidden_states.device,
@@ -192,7 +223,8 @@ class MITPLayer(nn.Module, BaseTunerLayer):
         output = self.base_layer(extended, *args, **kwargs)
         hidden = output[0] if isinstance(output, tuple) else output
         readout = hidden[:, seq_len:]
-        tower.send_readout(pair, readout, self._mitp_hubs[adapter])
+        # In a mixed-adapter batch the scheduler gets every adapter's hub and runs each on its own samples.
+        tower.send_readout(pair, readout, self._mitp_hubs if mixed is not None else self._mitp_hubs[adapter])
         stripped = hidden[:, :seq_len]
         if not torch.is_grad_enabled():
             # The scheduler ended autograd after this read-out (a decoder VLM's last vision pair): nothing downstream

@@ -28,6 +28,7 @@ import torch
 
 from .families import TokenArgument
 from .hub import HubOutput, MemoryHub, ModalityPresence
+from .mixed import current_mixed_batch, mixed_hub_output
 
 TOWERS = ("text", "vision")
 
@@ -193,6 +194,7 @@ def run_lockstep(
     if not towers:
         raise ValueError("Neither tower has anything to run: every sample lacks both modalities.")
     results: dict[str, Any] = {name: None for name in fns}
+    mixed = current_mixed_batch()
     hub: MemoryHub | None = None
     first_readout = True
     readouts: dict[int, dict[str, _Readout]] = {}
@@ -214,7 +216,9 @@ def run_lockstep(
             pair_hub = next(iter(done.values())).hub
             if any(r.hub is not pair_hub for r in done.values()):
                 raise LockstepError(f"Interaction pair {pair - 1} mixes two adapters' hubs; activate one adapter.")
-            if presence is None:
+            if isinstance(pair_hub, torch.nn.ModuleDict):  # a mixed-adapter batch: each adapter's hub, its samples
+                out = mixed_hub_output(pair_hub, mixed, done["text"].readout, done["vision"].readout)
+            elif presence is None:
                 out = pair_hub(done["text"].readout, done["vision"].readout)
             else:
                 filled = {
@@ -250,7 +254,8 @@ def run_lockstep(
                     # The active adapter's hub is known from here on: it checks what it can serve.
                     first_readout = False
                     hub = message.hub
-                    presence = hub.resolve_presence(presence, message.readout.shape[0])
+                    if not isinstance(hub, torch.nn.ModuleDict):  # mixed batches have no missing modalities
+                        presence = hub.resolve_presence(presence, message.readout.shape[0])
                 readouts.setdefault(message.pair, {})[name] = message
                 runnable.append((name, None))
                 other = "vision" if name == "text" else "text"
@@ -359,7 +364,15 @@ class _Stream:
                 )
             if pair == 0:
                 return None
-            return self.hub.carry_only("vision", self._readout("vision", pair - 1))
+            readout = self._readout("vision", pair - 1)
+            if isinstance(self.hub, torch.nn.ModuleDict):  # a mixed-adapter batch: each sample's adapter's memory
+                mixed = current_mixed_batch()
+                keep = torch.zeros(readout.shape[0], dtype=torch.bool, device=readout.device)
+                for name, rows in mixed.groups.items():
+                    if name in self.hub and self.hub[name].memory:
+                        keep[rows.to(readout.device)] = True
+                return readout * keep[:, None, None].to(readout.dtype) if bool(keep.any()) else None
+            return self.hub.carry_only("vision", readout)
         self.language_started = True
         if pair == 0:
             return None
@@ -374,7 +387,11 @@ class _Stream:
                 f"pair {pair} (did the vision tower run? Give `pixel_values`). Give `text_layers` and "
                 "`vision_layers` the same number of entries."
             )
-        out = self.hub(text, self._per_sample(vision, text.shape[0]))
+        vision = self._per_sample(vision, text.shape[0])
+        if isinstance(self.hub, torch.nn.ModuleDict):
+            out = mixed_hub_output(self.hub, current_mixed_batch(), text, vision)
+        else:
+            out = self.hub(text, vision)
         self.hub_outputs.append(out)
         return out.text_prompts
 

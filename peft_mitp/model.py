@@ -16,6 +16,7 @@ from .adapter_files import check_adapter_weights, check_hub_weights  # noqa: F40
 from .config import MITPConfig
 from .hub import MemoryHub, ModalityStandIns
 from .layer import MITPLayer
+from .mixed import BASE, mixed_batch
 from .sharing import install_hooks, sync_adapter_head
 
 _UPCAST = (torch.float16, torch.bfloat16)
@@ -442,20 +443,61 @@ class MITPModel(BaseTuner):
     # ------------------------------------------------------------------ forward
     @contextmanager
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
-        """Refuse peft's per-sample forward arguments, which MITP cannot honour (`PeftModel.forward` drops them).
+        """Run a forward with one adapter per sample when `adapter_names` is given (`peft_mitp.mixed`).
 
         Raises:
-            ValueError: `adapter_names` (mixed-adapter batches) or `alora_offsets` (aLoRA only) is given.
+            ValueError: `adapter_names` in training mode, naming an adapter that does not exist, of the wrong length,
+                or naming adapters whose interaction layers or prompt lengths differ; `alora_offsets` (aLoRA only).
         """
-        if kwargs.get("adapter_names") is not None:
-            raise ValueError(
-                "MITP does not support mixed adapter batches: `adapter_names` cannot be passed to the forward of a "
-                "model with MITP adapters (one adapter runs per forward, as the lock-step shares one memory hub across "
-                "the batch). Split the batch by adapter and call `model.set_adapter(name)` before each part."
-            )
         if kwargs.get("alora_offsets") is not None:
             raise ValueError("`alora_offsets` applies to aLoRA adapters only, not to MITP adapters.")
-        yield
+        names = kwargs.get("adapter_names")
+        if names is None:
+            yield
+            return
+        with mixed_batch(self._check_adapter_names(names, kwargs)):
+            yield
+
+    def _check_adapter_names(self, names: Any, inputs: dict[str, Any]) -> list[str]:
+        """`adapter_names` checked against the loaded adapters and the batch, before any compute."""
+        if self.training:
+            # peft's wording (LoRA): mixed batches are for inference.
+            raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
+        if isinstance(names, str) or not all(isinstance(n, str) for n in names):
+            raise TypeError(f"`adapter_names` must be a list of adapter names, one per sample, got {names!r}.")
+        names = list(names)
+        unknown = sorted(set(names) - set(self.peft_config) - {BASE})
+        if unknown:
+            raise ValueError(
+                f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}. Loaded adapters: "
+                f"{sorted(self.peft_config)}; use '{BASE}' for samples without an adapter."
+            )
+        for key, dims in (("input_ids", 2), ("pixel_values", 4)):  # (packed or tiled pixel values have other rows)
+            value = inputs.get(key)
+            if isinstance(value, torch.Tensor) and value.dim() == dims and value.shape[0] != len(names):
+                raise ValueError(
+                    f"`adapter_names` names {len(names)} samples but `{key}` holds {value.shape[0]}: give one name per "
+                    "sample."
+                )
+        for key in ("image_present", "text_present"):
+            if inputs.get(key) is not None:
+                raise ValueError(f"Mixed-adapter batches do not support missing modalities (`{key}`).")
+        used = [n for n in dict.fromkeys(names) if n != BASE]
+        layouts = {}
+        for name in used:
+            config = self.peft_config[name]
+            if config.missing_modality:
+                raise ValueError(f"Mixed-adapter batches do not support adapters with missing_modality=True ({name!r}).")
+            layouts[name] = (config.text_layers, config.vision_layers, config.text_prompt_length, config.vision_prompts)
+        if len(set(map(repr, layouts.values()))) > 1:
+            described = "; ".join(f"{n!r}: text layers {v[0]}, vision layers {v[1]}, prompts {v[2]}/{v[3]}"
+                                  for n, v in layouts.items())
+            raise ValueError(
+                "The adapters of a mixed batch must share their interaction layers and prompt lengths, so that the "
+                f"backbone runs once for all samples; these differ ({described}). Run them in separate batches "
+                "(`model.set_adapter(name)`)."
+            )
+        return names
 
     # ------------------------------------------------------------------ merging / unloading
     def _check_merge_allowed(self) -> None:

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from huggingface_hub.dataclasses import strict
+from peft.utils import ModulesToSaveWrapper
 from torch import nn
 from transformers import AutoConfig, AutoModel, PreTrainedConfig, PreTrainedModel
 from transformers.configuration_utils import SubConfigSpec
@@ -37,6 +38,7 @@ from .inputs import (
 )
 from .layer import MITPLayer
 from .lockstep import run_lockstep
+from .mixed import BASE, MixedBatch, current_mixed_batch
 from .remote import HUB_KWARGS, REACHABILITY_KWARGS, check_hub_reachable
 
 # Head size of a task model built without `num_labels` (transformers' default); an adapter resizes it.
@@ -668,13 +670,43 @@ class MITPForImageTextClassification(PreTrainedModel):
             mm_token_type_ids=mm_token_type_ids,
             **kwargs,
         )
-        features = torch.cat([text, image], dim=-1).to(self.classifier.weight.dtype)
-        logits = self.classifier(self.dropout(features))
-        loss = None if labels is None else self.loss(logits, labels)
+        features = torch.cat([text, image], dim=-1)
+        mixed = current_mixed_batch()
+        if mixed is not None and isinstance(self.classifier, ModulesToSaveWrapper):
+            logits, loss = self._mixed_head(self.dropout(features), labels, mixed)
+        else:
+            logits = self.classifier(self.dropout(features.to(self.classifier.weight.dtype)))
+            loss = None if labels is None else self.loss(logits, labels)
         attentions = None
         if output_hub_activations:
             attentions = tuple((o.text_activation, o.vision_activation) for o in hub_outputs)
         return SequenceClassifierOutput(loss=loss, logits=logits, attentions=attentions)
+
+    def _mixed_head(
+        self, features: torch.Tensor, labels: torch.Tensor | None, mixed: MixedBatch
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Each sample through its adapter's head (the task model's own for "__base__"; `peft_mitp.mixed`).
+
+        Returns logits with the widest head's columns, `-inf` beyond a sample's own head, and the mean over samples
+        of each sample's loss under its own head.
+        """
+        wrapper = self.classifier
+        parts: dict[str, torch.Tensor] = {}
+        for name, rows in mixed.groups.items():
+            head = wrapper.original_module if name == BASE else wrapper.modules_to_save[name]
+            rows = rows.to(features.device)
+            parts[name] = head(features[rows].to(head.weight.dtype))
+        width = max(part.shape[-1] for part in parts.values())
+        first = next(iter(parts.values()))
+        logits = first.new_full((features.shape[0], width), float("-inf"))
+        losses = []
+        for name, part in parts.items():
+            rows = mixed.groups[name].to(features.device)
+            logits[rows, : part.shape[-1]] = part
+            if labels is not None:
+                losses.append(self.loss(part, labels[rows.to(labels.device)]) * rows.numel())
+        loss = torch.stack(losses).sum() / features.shape[0] if losses else None
+        return logits, loss
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Cross-entropy for single-label problems, BCE-with-logits for `multi_label_classification`."""

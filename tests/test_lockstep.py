@@ -305,15 +305,18 @@ def test_towers_see_the_callers_context_variables(inputs):
     assert _SETTING.get() == "unset"
 
 
-def test_mixed_adapter_batches_are_refused_not_ignored(inputs):
+def test_adapter_names_are_honoured_not_ignored(inputs):
+    """peft once dropped `adapter_names` silently for MITP; tests/test_mixed_batches.py checks mixed batches fully."""
     model = make_model()
-    model.add_adapter("second", peft_mitp.MITPConfig(prompt_length=4, num_interaction_layers=2, hub_dim=16))
+    model.add_adapter("second", peft_mitp.MITPConfig(prompt_length=4, num_interaction_layers=2, hub_dim=16,
+                                                     gate_init=0.5))
     model.eval()
-    names = ["default", "second", "default", "second"]
-    with torch.no_grad(), pytest.raises(ValueError, match="does not support mixed adapter batches"):
-        model(**inputs, adapter_names=names)
     with torch.no_grad():
-        model(**inputs, adapter_names=None)  # None is every forward's default
+        named = model(**inputs, adapter_names=["second"] * 4).logits
+        active = model(**inputs, adapter_names=None).logits  # None is every forward's default: the active adapter
+        model.set_adapter("second")
+        second = model(**inputs).logits
+    assert torch.allclose(named, second, atol=1e-6) and not torch.allclose(named, active, atol=1e-4)
 
 
 def _causal_by_attribute_model(attn: str):
