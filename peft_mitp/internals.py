@@ -54,7 +54,7 @@ INTERNALS: tuple[Internal, ...] = (
     Internal(_TUNER, "_remove_adapter_name_from_key", ("key", "adapter_name"),
              "strips the adapter name nested in hub keys"),
     Internal("peft.peft_model:PeftModel", "_enable_peft_forward_hooks", (),
-             "calls the tuner's method of that name, by which MITP refuses `adapter_names` batches"),
+             "calls the tuner's method of that name, by which MITP runs `adapter_names` (mixed) batches"),
     Internal(_TUNER, "_check_merge_allowed", (), "refuses merging"),
     Internal("peft.tuners.tuners_utils:BaseTunerLayer", "_get_base_layer_device_and_dtype", ("base_layer",),
              "encoder layers have no `.weight` (layer.py)"),

@@ -13,6 +13,7 @@ import typing
 from dataclasses import fields
 
 import pytest
+import torch
 from conftest import run_python
 from PIL import Image
 from test_families import towers as _towers_fixture  # noqa: F401  (tiny local BERT + ViT folders)
@@ -318,3 +319,18 @@ def test_train_with_a_text_and_a_vision_backbone_by_path(_towers_fixture, tmp_pa
     info = json.loads((out / "adapter" / "mitp_training.json").read_text())
     assert info["text_backbone"] == str(towers["bert"])
     assert main(["evaluate", str(out), "--max-eval-samples", "16", "--batch-size", "8"]) == 0
+
+
+@pytest.mark.slow
+def test_a_job_on_a_quantized_backbone_is_read_back_on_the_same_quantized_backbone(tmp_path):
+    from peft_mitp.quantization import quantized_linear_count
+    from peft_mitp.training import load_trained
+
+    out = tmp_path / "run"
+    code = main(["train", "--quantization", "int8", "--max-steps", "2", "--max-train-samples", "64",
+                 "--max-eval-samples", "32", "--batch-size", "16", "--prompt-length", "4", "--output-dir", str(out)])
+    assert code == 0
+    model, _, info = load_trained(out)
+    assert info["options"]["quantization"] == "int8"
+    assert quantized_linear_count(model.get_base_model()) == 72  # both towers' 6 layers x 6 linear layers
+    assert {p.dtype for n, p in model.named_parameters() if "mitp_" in n} == {torch.float32}

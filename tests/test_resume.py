@@ -173,6 +173,11 @@ if trainer.is_world_process_zero():
         info.update(fsdp_layout(trainer.model_wrapped))
     with open(os.path.join(args.out, "run.json"), "w") as f:
         json.dump(info, f)
+if torch.distributed.is_initialized():
+    # End the gloo process group before the interpreter exits: left to teardown, its threads can abort the process
+    # ("terminate called without an active exception") after training has finished.
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 '''
 
 
