@@ -191,8 +191,12 @@ def _layers_sentence(config: MITPConfig) -> str:
     return f"The other {text_other} text layers and {vision_other} vision layers are frozen extraction layers."
 
 
-def _configuration_lines(config: MITPConfig) -> list[str]:
-    pairs = ", ".join(f"text {t} with vision {v}" for t, v in zip(config.text_layers or [], config.vision_layers or [], strict=True))
+def _configuration_lines(config: MITPConfig, decoder: bool = False) -> list[str]:
+    text_word = "language" if decoder else "text"
+    pairs = ", ".join(
+        f"{text_word} {t} with vision {v}"
+        for t, v in zip(config.text_layers or [], config.vision_layers or [], strict=True)
+    )
     similarity = {
         "scaled_dot": "scaled dot product (divided by sqrt of the hub width)",
         "cosine": "cosine similarity",
@@ -217,7 +221,12 @@ def _configuration_lines(config: MITPConfig) -> list[str]:
         if len(config.text_layers or []) != 1
         else "- **Memory hub**: none (one interaction pair: no read-out is carried to a next pair).",
         "- **Ablation switches**: interaction "
-        + _switch(config.interaction, "each tower's next prompts take in the other modality", "no cross-modal term")
+        + _switch(
+            config.interaction,
+            "the language model's next prompts take in the stored vision read-outs" if decoder
+            else "each tower's next prompts take in the other modality",
+            "no cross-modal term",
+        )
         + "; memory "
         + _switch(config.memory, "a layer's read-out carries on to the next interaction layer", "no carry")
         + ".",
@@ -403,7 +412,11 @@ def build_model_card(
     repo = repo_id or "<hub id or path of this adapter>"
     task_words = "multi-label (independent sigmoid per label)" if multi_label else "single-label"
     family = task.family.name
-    family_words = "dual encoder" if family.endswith("dual-encoder") else f"{family} dual encoder"
+    decoder = bool(getattr(task, "is_decoder_vlm", False))
+    if decoder:
+        family_words = f"{family} vision-language model"
+    else:
+        family_words = "dual encoder" if family.endswith("dual-encoder") else f"{family} dual encoder"
     lines = [
         f"# {_title(repo_id, dataset, 'the offline backbone' if base == OFFLINE_BACKBONE_NAME else base or family)}",
         "",
@@ -416,18 +429,28 @@ def build_model_card(
             if base == OFFLINE_BACKBONE_NAME
             else ""
         )
-        + ". Temporal prompts in a few interaction layers of both towers are read out after "
-        "each pair of layers by a shared memory hub, which consolidates them by cross-modal similarity and activates "
-        "them to generate the next pair's prompts. Only the prompts, the hub and a linear head are trained.",
+        + (
+            ". Temporal prompts in a few interaction layers of the vision tower are read out into a memory hub; at "
+            "each interaction layer of the language model the hub consolidates the language prompts' read-out with "
+            "the stored vision read-out by cross-modal similarity and activates them to generate the next language "
+            "layer's prompts (vision -> language). Only the prompts, the hub and a linear head are trained."
+            if decoder
+            else ". Temporal prompts in a few interaction layers of both towers are read out after "
+            "each pair of layers by a shared memory hub, which consolidates them by cross-modal similarity and "
+            "activates them to generate the next pair's prompts. Only the prompts, the hub and a linear head are "
+            "trained."
+        ),
         "",
     ]
     if info.get("description"):
         lines += [str(info["description"]), ""]
-    lines += ["## MITP configuration", "", *_configuration_lines(config)]
+    lines += ["## MITP configuration", "", *_configuration_lines(config, decoder)]
     head_loss = "BCE-with-logits" if multi_label else "cross-entropy"
+    head_input = (
+        "the language model's last non-padding token" if decoder else "the concatenated pooled text and image features"
+    )
     lines += [
-        f"- **Head**: linear on the concatenated pooled text and image features, {num_labels} outputs, "
-        f"trained with {head_loss}.",
+        f"- **Head**: linear on {head_input}, {num_labels} outputs, trained with {head_loss}.",
         "",
         "## Size",
         "",

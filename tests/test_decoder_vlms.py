@@ -377,3 +377,13 @@ def test_from_pretrained_on_a_saved_conditional_generation_checkpoint_loads_its_
     model.save_pretrained(tmp_path / "adapter")
     card = (tmp_path / "adapter" / "README.md").read_text()
     assert "MITP" in card
+
+
+def test_the_model_card_describes_a_decoder_vlm_adapter(tmp_path):
+    _, model = make_model("llava")
+    model.save_pretrained(tmp_path)
+    card = (tmp_path / "README.md").read_text()
+    assert "llava vision-language model" in card and "dual encoder" not in card
+    assert "vision -> language" in card
+    assert "language 2 with vision 1, language 3 with vision 2" in card
+    assert "the language model's last non-padding token" in card
