@@ -381,7 +381,10 @@ class MITPModel(BaseTuner):
         """Activate one adapter (its prompts, hub and head); see `peft.PeftModel.set_adapter`."""
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         if len(names) > 1:
-            raise ValueError(f"MITP does not allow more than one active adapter at a time; got {names}. Pass a single adapter name.")
+            raise ValueError(
+                f"MITP does not allow more than one active adapter at a time; got {names}. Pass a single adapter name "
+                "(or one name per sample with `model(**batch, adapter_names=[...])`)."
+            )
         super().set_adapter(adapter_name, inference_mode=inference_mode)
         if "mitp_hub" in self._modules:
             for name, hub in self.mitp_hub.items():

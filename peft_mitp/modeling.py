@@ -672,7 +672,11 @@ class MITPForImageTextClassification(PreTrainedModel):
         )
         features = torch.cat([text, image], dim=-1)
         mixed = current_mixed_batch()
-        if mixed is not None and isinstance(self.classifier, ModulesToSaveWrapper):
+        if (
+            mixed is not None
+            and isinstance(self.classifier, ModulesToSaveWrapper)
+            and not self.classifier.disable_adapters  # inside `disable_adapter()` every sample is a base sample
+        ):
             logits, loss = self._mixed_head(self.dropout(features), labels, mixed)
         else:
             logits = self.classifier(self.dropout(features.to(self.classifier.weight.dtype)))

@@ -51,6 +51,15 @@ def test_each_sample_gets_the_logits_of_its_own_adapter_run_alone():
     assert torch.equal(text_activation[2], torch.zeros_like(text_activation[2]))  # the base sample used no hub
 
 
+def test_inside_disable_adapter_every_sample_runs_the_base_model():
+    model = three_adapters()
+    inputs = clip_inputs(batch=3, seed=3)
+    with torch.no_grad(), model.disable_adapter():
+        named = model(**inputs, adapter_names=["a", "b", "c"]).logits
+        base = model(**inputs).logits
+    assert torch.equal(named, base)
+
+
 def test_the_adapters_differ_so_the_test_above_can_fail():
     model = three_adapters()
     inputs = clip_inputs(batch=3, seed=3)
