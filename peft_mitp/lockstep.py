@@ -487,7 +487,9 @@ def run_stream(
     stream.vision_rows = vision_rows
     token = _STREAM.set(stream)
     try:
-        with torch.no_grad() if "vision" in stream.frozen_below else nullcontext():
+        # Without autograd from the start only when neither part has trainable weights below its first interaction
+        # layer (a LoRA on the language model needs it there even when no MITP layer turns it back on).
+        with torch.no_grad() if stream.frozen_below >= set(TOWERS) else nullcontext():
             output = fn()
     finally:
         _STREAM.reset(token)

@@ -387,3 +387,18 @@ def test_the_model_card_describes_a_decoder_vlm_adapter(tmp_path):
     assert "vision -> language" in card
     assert "language 2 with vision 1, language 3 with vision 2" in card
     assert "the language model's last non-padding token" in card
+
+
+def test_other_peft_methods_on_a_decoder_vlm_task_model_get_their_gradients():
+    from peft import LoraConfig
+
+    for target in (r".*language_model.*\.(q_proj|v_proj)", ["q_proj", "v_proj"]):  # the language model only; both
+        task = MITPForImageTextClassification.from_backbone(build("llava"), num_labels=3)
+        inputs = make_inputs("llava", task.backbone)
+        model = get_peft_model(task, LoraConfig(target_modules=target, r=2, modules_to_save=["classifier"]))
+        model(**inputs, labels=torch.tensor([0, 1])).loss.backward()
+        # Every LoRA tensor the output depends on (LLaVA reads vision layer 2 of 4: `vision_feature_layer=-2`) gets
+        # a gradient (lora_A's is zero at the first step: lora_B starts at zero).
+        lora = {n: p for n, p in model.named_parameters()
+                if "lora_B" in n and "vision_tower.encoder.layers.3." not in n}
+        assert lora and all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora.values()), target
