@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .families import DecoderFamily, ResolvedTower, TowerSpec, UnsupportedBackboneError, resolve_tower
+from .families import DecoderFamily, ResolvedTower, UnsupportedBackboneError, resolve_tower
 from .layer import MITPLayer
 from .lockstep import run_stream
 from .mixed import current_mixed_batch
@@ -166,7 +166,6 @@ def pooled_features(
 
 __all__ = [
     "COMMON_INPUTS",
-    "TowerSpec",
     "active_pairs",
     "base_model",
     "check_inputs",
