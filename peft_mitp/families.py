@@ -667,7 +667,7 @@ DECODER_REFUSED: dict[str, str] = {
 }
 
 def _llava_next_rows(model: Any, inputs: dict[str, Any]) -> torch.Tensor:
-    """LLaVA-NeXT tiles each image by its size (`image_sizes`); the tiles of all images run as one batch."""
+    """LLaVA-NeXT (and LLaVA-OneVision) tile each image by its size (`image_sizes`); all tiles run as one batch."""
     from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
     config = model.config
@@ -701,6 +701,17 @@ register_decoder_family(
         model_types=("llava_next",),
         vision=TowerSpec("vision_tower"),
         # Image tiling: (B, tiles, C, H, W) pixel values and each image's original size.
+        inputs=("pixel_values", "image_sizes"),
+        last_vision_layer=_vision_feature_layer,
+        vision_rows=_llava_next_rows,
+    )
+)
+register_decoder_family(
+    DecoderFamily(
+        name="llava-onevision",
+        model_types=("llava_onevision",),
+        vision=TowerSpec("vision_tower"),
+        # AnyRes tiling as LLaVA-NeXT: each image's tiles run as vision rows, averaged per sample for the hub.
         inputs=("pixel_values", "image_sizes"),
         last_vision_layer=_vision_feature_layer,
         vision_rows=_llava_next_rows,

@@ -41,6 +41,7 @@ QWEN_TEXT = dict(rope_parameters={"rope_type": "default", "mrope_section": [1, 1
 CASES = {
     "llava": ({"vision_feature_layer": -2}, {}, {}),
     "llava_next": ({"vision_feature_layer": -2, "image_grid_pinpoints": [[32, 32], [32, 64]]}, {}, {}),
+    "llava_onevision": ({"image_grid_pinpoints": [[32, 32], [32, 64]]}, {}, {}),
     "paligemma": ({"projection_dim": 32}, {}, {"projection_dim": 32}),
     "gemma3": ({"mm_tokens_per_image": 4, "boi_token_id": 101, "eoi_token_id": 102}, {"sliding_window": 8}, {}),
     "idefics3": ({"scale_factor": 2}, {}, {}),
@@ -90,6 +91,12 @@ def make_inputs(model_type: str, base: torch.nn.Module, batch: int = 2, seed: in
                 vision_feature_layer=base.config.vision_feature_layer,
                 vision_feature_select_strategy=base.config.vision_feature_select_strategy,
             )
+        counts = [f.shape[0] for f in getattr(features, "pooler_output", features)]
+    elif model_type == "llava_onevision":
+        extra["image_sizes"] = torch.tensor([[32, 32], [32, 64]] * batch)[:batch]
+        pixels = torch.randn(batch, 3, 3, 32, 32, generator=g)  # the base view plus up to two tiles
+        with torch.no_grad():
+            features = base.get_image_features(pixel_values=pixels, image_sizes=extra["image_sizes"])
         counts = [f.shape[0] for f in getattr(features, "pooler_output", features)]
     elif model_type in ("idefics3", "smolvlm"):
         pixels = torch.randn(batch, 1, 3, 32, 32, generator=g)
