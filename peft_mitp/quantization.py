@@ -15,6 +15,7 @@ memory hub and the head stay float32. Two backends are supported (docs/reliabili
 
 from __future__ import annotations
 
+import copy
 import tempfile
 from typing import Any
 
@@ -156,6 +157,7 @@ def load_quantized(
     Raises:
         ValueError: the backend could not load this family (the message names what works).
     """
+    quantization_config = copy.deepcopy(quantization_config)  # the caller's config stays as it was
     skip = list(getattr(quantization_config, "llm_int8_skip_modules", None) or [])
     quantization_config.llm_int8_skip_modules = sorted(set(skip) | set(skip_modules_outside_layers(config.model_type)))
     try:
