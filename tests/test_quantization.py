@@ -86,8 +86,8 @@ def test_a_quantized_backbone_gives_logits_close_to_full_precision_for_the_same_
     quantized = PeftModel.from_pretrained(base, tmp_path / "a").eval()
     with torch.no_grad():
         logits = quantized(**inputs).logits
-    # Measured on this tiny model: 2e-3 (torchao) and 4e-3 (bitsandbytes) against logits of size ~0.1-0.5; the
-    # bound is docs/reliability.md's stated tolerance.
+    # Measured on this tiny model: largest differences 5.4e-3 (torchao) and 1.2e-2 (bitsandbytes 8-bit), for logits up
+    # to 0.72; the bound is docs/reliability.md's stated tolerance.
     torch.testing.assert_close(logits, expected, atol=2e-2, rtol=0)
     assert not torch.equal(logits, expected)  # the weights really are quantized
 
