@@ -211,6 +211,16 @@ def train(options: TrainOptions) -> dict[str, Any]:
 
     from .metrics import make_compute_metrics
 
+    evaluates_midway = options.eval_steps is not None or (options.max_steps <= 0 and options.epochs > 1)
+    if options.quantization == "bnb-nf4" and evaluates_midway and not torch.cuda.is_available():
+        # bitsandbytes 0.50's CPU 4-bit layers fail in a training forward that follows a no-grad forward: refuse
+        # before any compute instead of failing after the first evaluation (docs/reliability.md).
+        raise ValueError(
+            "--quantization bnb-nf4 on CPU cannot evaluate between training steps (--eval-steps, or more than one "
+            "epoch): bitsandbytes' CPU 4-bit layers fail to train after an evaluation. Train one epoch without "
+            "--eval-steps, or use --quantization bnb-int8 or int8."
+        )
+
     set_seed(options.seed)
     output = Path(options.output_dir)
     output.mkdir(parents=True, exist_ok=True)

@@ -334,3 +334,11 @@ def test_a_job_on_a_quantized_backbone_is_read_back_on_the_same_quantized_backbo
     assert info["options"]["quantization"] == "int8"
     assert quantized_linear_count(model.get_base_model()) == 72  # both towers' 6 layers x 6 linear layers
     assert {p.dtype for n, p in model.named_parameters() if "mitp_" in n} == {torch.float32}
+
+
+def test_a_4bit_job_that_would_evaluate_midway_on_cpu_is_refused_before_any_compute(tmp_path, capsys):
+    code = main(["train", "--quantization", "bnb-nf4", "--epochs", "2", "--output-dir", str(tmp_path / "run")])
+    assert code == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "bnb-nf4 on CPU cannot evaluate between training steps" in line and "bnb-int8" in line
+    assert not (tmp_path / "run" / "adapter").exists()
