@@ -795,3 +795,5 @@ register_decoder_family(
 )
 register_decoder_family(DecoderFamily(name="deepseek-vl", model_types=("deepseek_vl",),
                                       vision=TowerSpec("vision_model")))
+register_decoder_family(DecoderFamily(name="janus", model_types=("janus",),
+                                      vision=TowerSpec("vision_model", "encoder.layers")))

@@ -55,6 +55,7 @@ CASES = {
     "cohere2_vision": ({}, {}, {}),
     "internvl": ({}, {}, {}),
     "deepseek_vl": ({}, {}, {}),
+    "janus": ({}, {}, {"projection_dim": 32}),  # its aligner maps the vision tower to `projection_dim`
 }
 REQUIRED = sorted(CASES)
 
