@@ -228,11 +228,20 @@ def test_vision_interaction_layers_stay_at_or_below_the_layer_the_model_reads():
 
 
 def test_output_hidden_states_of_a_prompted_layer_hold_no_prompts():
-    task, model = make_model("llava")
+    task, model = make_model("llava")  # vision interaction layers 1 and 2; LLaVA reads hidden_states[-2]
     inputs = make_inputs("llava", task.backbone)
-    with torch.no_grad():
-        out = task.backbone.vision_tower(inputs["pixel_values"], output_hidden_states=True)
-    assert all(h.shape[1] == 17 for h in out.hidden_states)
+    recorded = []
+    handle = task.backbone.vision_tower.register_forward_hook(
+        lambda _m, _a, output: recorded.extend(h.shape[1] for h in output.hidden_states if h is not None)
+    )
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        handle.remove()
+    # LLaVA records only the state it reads, the output of the prompted layer 2 (2 prompts inside it): it must hold
+    # the 17 real tokens (16 patches and the class token), not 19.
+    assert recorded == [17]
 
 
 def test_save_then_load_in_a_fresh_process_gives_identical_logits(tmp_path):
