@@ -212,18 +212,8 @@ DECODER_CHECKPOINTS = [
 
 def decoder_markdown(rows: list[dict]) -> str:
     """The decoder-VLM table as markdown (the "text" part is the language model)."""
-    lines = [
-        "| family | checkpoint | language model layers x width | vision layers used x width | interaction layers "
-        "(language / vision) | prompts | hub | head | trainable | backbone | trainable / backbone |",
-        "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['family']} | {r['checkpoint']} | {r['text']} | {r['vision']} | {r['layers']} | "
-            f"{r['prompts']:,} | {r['hub']:,} | {r['head']:,} | **{r['total'] / 1e6:.2f}M** | "
-            f"{r['backbone'] / 1e6:,.0f}M | {100 * r['total'] / r['backbone']:.3f}% |"
-        )
-    return "\n".join(lines)
+    header = ("language model layers x width", "vision layers used x width", "interaction layers (language / vision)")
+    return "\n".join(_table(rows, header, backbone_format=",.0f", share_digits=3))
 
 
 def _on_meta(config: object) -> PreTrainedModel:
@@ -259,10 +249,10 @@ def count(checkpoint: Checkpoint, config: MITPConfig | None = None) -> dict:
     }
 
 
-def markdown(rows: list[dict]) -> str:
-    """The table as markdown, with the paper's and PMF's budgets as the last rows."""
+def _table(rows: list[dict], parts: tuple[str, str, str], backbone_format: str, share_digits: int) -> list[str]:
+    """The lines of a parameter table; `parts` name the three tower columns."""
     lines = [
-        "| family | checkpoint | text layers x width | vision layers x width | interaction layers (text / vision) "
+        f"| family | checkpoint | {parts[0]} | {parts[1]} | {parts[2]} "
         "| prompts | hub | head | trainable | backbone | trainable / backbone |",
         "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
@@ -270,8 +260,15 @@ def markdown(rows: list[dict]) -> str:
         lines.append(
             f"| {r['family']} | {r['checkpoint']} | {r['text']} | {r['vision']} | {r['layers']} | "
             f"{r['prompts']:,} | {r['hub']:,} | {r['head']:,} | **{r['total'] / 1e6:.2f}M** | "
-            f"{r['backbone'] / 1e6:.0f}M | {100 * r['total'] / r['backbone']:.2f}% |"
+            f"{r['backbone'] / 1e6:{backbone_format}}M | {100 * r['total'] / r['backbone']:.{share_digits}f}% |"
         )
+    return lines
+
+
+def markdown(rows: list[dict]) -> str:
+    """The table as markdown, with the paper's and PMF's budgets as the last rows."""
+    lines = _table(rows, ("text layers x width", "vision layers x width", "interaction layers (text / vision)"),
+                   backbone_format=".0f", share_digits=2)
     lines.append("| MITP paper | CLIP ViT-L/14 | 12 x 768 | 24 x 1024 | | | | | **2.0M** (reported) | | |")
     lines.append(
         "| PMF (Li et al. 2023) | BERT-base + ViT-B/16 | 12 x 768 | 12 x 768 | last 2 | | | | **2.5M** (from its "

@@ -9,6 +9,7 @@ language model's last non-padding token.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -46,23 +47,12 @@ def resolve_towers(backbone: nn.Module, family: DecoderFamily) -> dict[str, Reso
     The vision tower's `usable_depth` is the number of its layers whose output the model uses (LLaVA's
     `vision_feature_layer=-2` leaves the last layer unused).
     """
-    towers = {}
-    for kind, spec in (("text", family.language), ("vision", family.vision)):
-        tower = resolve_tower(backbone, spec, kind)
-        usable = None
-        if kind == "vision":
-            usable = family.last_vision_layer(backbone.config, len(tower.layers)) + 1
-        towers[kind] = ResolvedTower(
-            module=tower.module,
-            layers=tower.layers,
-            layers_path=tower.layers_path,
-            width=tower.width,
-            attn_implementation=tower.attn_implementation,
-            token_arguments=tower.token_arguments,
-            usable_depth=usable,
-            packed=tower.packed,
-        )
-    return towers
+    vision = resolve_tower(backbone, family.vision, "vision")
+    usable = family.last_vision_layer(backbone.config, len(vision.layers)) + 1
+    return {
+        "text": resolve_tower(backbone, family.language, "text"),
+        "vision": dataclasses.replace(vision, usable_depth=usable),
+    }
 
 
 def check_inputs(family: DecoderFamily, config: Any, inputs: dict[str, Any], caller: str) -> dict[str, Any]:

@@ -267,6 +267,8 @@ class DecoderFamily:
         image_token: name of the config attribute holding the image placeholder token id.
         vision_rows: (base model, forward inputs) -> (R,) the sample of each row the vision tower runs, for families
             that split an image into tiles or crops; None: the vision tower runs one row per sample.
+        text_padding: how texts are padded (`peft_mitp.processing`); "longest" for every decoder family (the head
+            reads the last non-padding token, so padding never changes a sample's logits).
     """
 
     name: str
@@ -278,6 +280,7 @@ class DecoderFamily:
     positions_from_mask: bool = True
     image_token: str = "image_token_id"
     vision_rows: Callable[[Any, dict[str, Any]], torch.Tensor] | None = None
+    text_padding: Literal["longest", "max_length"] = "longest"
 
 
 _FAMILIES: dict[str, BackboneFamily] = {}

@@ -12,7 +12,7 @@ from torch import nn
 
 from .families import TokenArgumentKind
 from .lockstep import current_tower
-from .mixed import current_mixed_batch, hide_prompts_from_rows
+from .mixed import current_mixed_batch
 from .prompt_mask import extend_attention_mask
 
 _RECOMPUTED_OUTSIDE_LOCKSTEP = (
@@ -177,7 +177,7 @@ class MITPLayer(nn.Module, BaseTunerLayer):
         is_causal = bool(is_causal)
 
         def extend_mask(mask: Any) -> Any:
-            extended = extend_attention_mask(
+            return extend_attention_mask(
                 mask,
                 seq_len=seq_len,
                 num_prompts=num_prompts,
@@ -185,18 +185,8 @@ class MITPLayer(nn.Module, BaseTunerLayer):
                 attn_implementation=tower.attn_implementation,
                 dtype=hidden_states.dtype,
                 device=hidden_states.device,
-            )
-            if visible is None:
-                return extended
-            # Samples without an adapter ("__base__"): their tokens must not see the prompt positions.
-            return hide_prompts_from_rows(
-                extended,
-                visible,
-                seq_len=seq_len,
-                num_prompts=num_prompts,
-                attn_implementation=tower.attn_implementation,
-                dtype=hidden_states.dtype,
-                device=hidden_states.device,
+                # Samples without an adapter ("__base__") in a mixed batch: their tokens must not see the prompts.
+                prompts_seen=visible,
             )
 
         # The mask is `attention_mask` wherever it sits in the call (BLIP's text layers take it third, by keyword);

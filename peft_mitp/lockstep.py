@@ -28,7 +28,7 @@ import torch
 
 from .families import TokenArgument
 from .hub import HubOutput, MemoryHub, ModalityPresence
-from .mixed import current_mixed_batch, mixed_hub_output
+from .mixed import current_mixed_batch, mixed_carry_only, mixed_hub_output
 
 TOWERS = ("text", "vision")
 
@@ -366,12 +366,7 @@ class _Stream:
                 return None
             readout = self._readout("vision", pair - 1)
             if isinstance(self.hub, torch.nn.ModuleDict):  # a mixed-adapter batch: each sample's adapter's memory
-                mixed = current_mixed_batch()
-                keep = torch.zeros(readout.shape[0], dtype=torch.bool, device=readout.device)
-                for name, rows in mixed.groups.items():
-                    if name in self.hub and self.hub[name].memory:
-                        keep[rows.to(readout.device)] = True
-                return readout * keep[:, None, None].to(readout.dtype) if bool(keep.any()) else None
+                return mixed_carry_only(self.hub, current_mixed_batch(), "vision", readout)
             return self.hub.carry_only("vision", readout)
         self.language_started = True
         if pair == 0:

@@ -33,7 +33,7 @@ from .hub import HubOutput
 BASE = "__base__"
 """The name of a sample that runs without any adapter (peft's convention)."""
 
-__all__ = ["BASE", "MixedBatch", "current_mixed_batch", "mixed_batch", "mixed_hub_output"]
+__all__ = ["BASE", "MixedBatch", "current_mixed_batch", "mixed_batch", "mixed_carry_only", "mixed_hub_output"]
 
 
 @dataclass(frozen=True)
@@ -111,43 +111,12 @@ def mixed_hub_output(hubs: Any, batch: MixedBatch, text: torch.Tensor, vision: t
     )
 
 
-def hide_prompts_from_rows(
-    mask: torch.Tensor | None,
-    visible: torch.Tensor,
-    *,
-    seq_len: int,
-    num_prompts: int,
-    attn_implementation: str | None,
-    dtype: torch.dtype,
-    device: torch.device,
-) -> torch.Tensor:
-    """An extended attention mask in which the tokens of rows with `visible` False do not see the prompt positions.
+def mixed_carry_only(hubs: Any, batch: MixedBatch, tower: str, readout: torch.Tensor) -> torch.Tensor | None:
+    """`MemoryHub.carry_only` per sample: each sample's adapter's hub decides whether its read-out is carried.
 
-    Args:
-        mask: the mask `extend_attention_mask` returned for L tokens + M prompts (None: everything attends
-            everything), 4-D boolean (True attends) or additive float.
-        visible: (B,) bool, False for samples without an adapter.
-
-    Raises:
-        NotImplementedError: a 2-D (flash-attention) mask, which cannot hide keys from some queries only.
+    Returns None when no adapter of the batch carries memory; base samples and samples of memory-less adapters get
+    zeros.
     """
-    total = seq_len + num_prompts
-    if mask is not None and mask.dim() == 2:
-        raise NotImplementedError(
-            "Mixed-adapter batches need attention masks that can hide the prompts from some samples' tokens; flash "
-            "attention's 2-D masks cannot. Load the backbone with attn_implementation='sdpa' or 'eager'."
-        )
-    additive = mask is not None and mask.dtype != torch.bool
-    if mask is None:
-        allowed = torch.ones(visible.shape[0], 1, total, total, dtype=torch.bool, device=device)
-        additive = (attn_implementation or "eager") == "eager"
-    else:
-        allowed = mask if not additive else mask > torch.finfo(mask.dtype).min / 2
-        allowed = allowed.expand(visible.shape[0], *allowed.shape[1:]).clone()
-        dtype = mask.dtype if additive else dtype
-    hidden = ~visible.to(allowed.device)
-    allowed[hidden, :, :seq_len, seq_len:] = False
-    if not additive:
-        return allowed
-    out = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-    return out.masked_fill_(~allowed, torch.finfo(dtype).min)
+    parts = {name: hubs[name].carry_only(tower, readout[rows.to(readout.device)])
+             for name, rows in batch.groups.items() if name != BASE}
+    return _scatter(parts, batch.groups, readout.shape[0])

@@ -58,7 +58,7 @@ class ImageTextProcessor:
             limit = getattr(getattr(processor, "tokenizer", None), "model_max_length", None)
             max_length = int(limit) if limit is not None and limit < _NO_LIMIT else None
         self.max_length = max_length
-        if getattr(family, "text_padding", "longest") == "max_length" and max_length is None:
+        if family.text_padding == "max_length" and max_length is None:
             raise ValueError(
                 f"{family.name} texts are padded to a fixed length, but the tokenizer records no `model_max_length`: "
                 "pass `max_length=` (the text tower's `max_position_embeddings`, e.g. 64 for SigLIP)."
@@ -117,7 +117,7 @@ class ImageTextProcessor:
                 raise ValueError(f"A {self.family.name} model classifies image-text pairs: give `images` and `texts`.")
             texts = self._with_image_placeholders(texts)
         if texts is not None:
-            options["padding"] = "max_length" if getattr(self.family, "text_padding", "") == "max_length" else "longest"
+            options["padding"] = self.family.text_padding
             if self.max_length is not None:
                 options.update(truncation=True, max_length=self.max_length)
         options.update(kwargs)
@@ -131,7 +131,7 @@ class ImageTextProcessor:
 
     def __repr__(self) -> str:
         return (
-            f"ImageTextProcessor(family={self.family.name!r}, padding={getattr(self.family, 'text_padding', 'longest')!r}, "
+            f"ImageTextProcessor(family={self.family.name!r}, padding={self.family.text_padding!r}, "
             f"max_length={self.max_length}, processor={type(self.processor).__name__})"
         )
 
@@ -251,7 +251,7 @@ def load_processor(
         text_config = AutoConfig.from_pretrained(pair[0], **hub_kwargs)
         text_config = getattr(text_config, "text_config", None) or text_config
 
-    if max_length is None and getattr(family, "text_padding", "longest") == "max_length":
+    if max_length is None and family.text_padding == "max_length":
         limit = getattr(getattr(processor, "tokenizer", None), "model_max_length", None)
         if limit is None or limit >= _NO_LIMIT:
             max_length = getattr(text_config, "max_position_embeddings", None)

@@ -18,12 +18,16 @@ def extend_attention_mask(
     attn_implementation: str | None,
     dtype: torch.dtype,
     device: torch.device,
+    prompts_seen: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """Return the mask for a sequence of `seq_len` tokens followed by `num_prompts` prompt tokens.
 
     The rule, in every mask format: tokens keep their own pattern (causal or not, padding or not) and additionally
     see every prompt; prompts see every non-padding token and every prompt. Because prompts never attend padding and
     padding never changes what a real token sees, a padded batch gives the same outputs as an unpadded one.
+
+    With `prompts_seen`, the tokens of the samples marked False additionally see no prompt (the mask is then
+    materialised per sample).
 
     Formats, as transformers 5.x hands them to an encoder layer:
         - None with a bidirectional tower: stays None (everything attends everything).
@@ -43,6 +47,9 @@ def extend_attention_mask(
         attn_implementation: the tower's `config._attn_implementation`.
         dtype: dtype of the hidden states (for additive masks built from None).
         device: device of the hidden states.
+        prompts_seen: (B,) bool, False for samples whose tokens must not see the prompts (a mixed-adapter batch's
+            samples without an adapter, `peft_mitp.mixed`): their tokens keep exactly their own pattern. None: every
+            sample's tokens see the prompts.
 
     Returns:
         The extended mask, in the format it came in.
@@ -56,6 +63,11 @@ def extend_attention_mask(
     total = seq_len + num_prompts
 
     if mask is not None and mask.dim() == 2:
+        if prompts_seen is not None:
+            raise NotImplementedError(
+                "Mixed-adapter batches need attention masks that can hide the prompts from some samples' tokens; flash "
+                "attention's 2-D masks cannot. Load the backbone with attn_implementation='sdpa' or 'eager'."
+            )
         if is_causal:
             raise NotImplementedError(
                 "A causal text tower with a 2-D (flash-attention) mask cannot let text tokens see the appended "
@@ -65,14 +77,17 @@ def extend_attention_mask(
         return torch.cat([mask, ones], dim=1)
 
     if mask is None:
-        if not is_causal:
+        if not is_causal and prompts_seen is None:
             return None
         if "flash" in impl:
             raise NotImplementedError(
-                "A causal text tower under flash attention cannot let text tokens see the appended prompts. Load the "
-                "backbone with attn_implementation='sdpa' or 'eager' for MITP."
+                ("A causal text tower under flash attention cannot let text tokens see the appended prompts."
+                 if is_causal else "Mixed-adapter batches cannot hide the prompts from some samples under flash "
+                 "attention.")
+                + " Load the backbone with attn_implementation='sdpa' or 'eager' for MITP."
             )
-        allowed = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()[None, None]
+        allowed = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device)
+        allowed = (allowed.tril() if is_causal else allowed)[None, None]
         additive = impl == "eager"
     elif mask.dim() == 4:
         additive = mask.dtype != torch.bool
@@ -92,6 +107,9 @@ def extend_attention_mask(
     new = torch.ones(batch, heads, total, total, dtype=torch.bool, device=allowed.device)
     new[..., :seq_len, :seq_len] = allowed
     new[..., seq_len:, :seq_len] = key_valid.expand(batch, heads, num_prompts, seq_len)
+    if prompts_seen is not None:
+        new = new.expand(prompts_seen.shape[0], *new.shape[1:]).clone()
+        new[~prompts_seen.to(new.device), :, :seq_len, seq_len:] = False
     if not additive:
         return new
     out = torch.zeros(new.shape, dtype=dtype, device=new.device)
