@@ -45,9 +45,10 @@ from benchmarks import harness  # noqa: E402
 from peft_mitp_cli.options import TrainOptions  # noqa: E402
 
 LEARNING_RATES = {
-    "mitp": (3e-3, 1e-2, 3e-2),
-    "mitp-no-interaction": (3e-3, 1e-2, 3e-2),
-    "mitp-no-memory": (3e-3, 1e-2, 3e-2),
+    # MITP's grid moved down with the hub's read-out to the head (2026-12-02): 3e-2 destabilises the fusion MLP.
+    "mitp": (1e-3, 3e-3, 1e-2),
+    "mitp-no-interaction": (1e-3, 3e-3, 1e-2),
+    "mitp-no-memory": (1e-3, 3e-3, 1e-2),
     "deep-prompt": (3e-3, 1e-2, 3e-2),
     "lora": (1e-3, 3e-3, 1e-2),
     "pmf": (1e-3, 3e-3, 1e-2),

@@ -49,6 +49,11 @@ def use_hub_before_fix(model: nn.Module) -> None:
                     linear.bias.zero_()
             hub.text_gate.requires_grad_(False)
             hub.vision_gate.requires_grad_(False)
+            for gate in (getattr(hub, "text_memory_gate", None), getattr(hub, "vision_memory_gate", None)):
+                if gate is not None:  # the first design carried each read-out whole
+                    with torch.no_grad():
+                        gate.fill_(1.0)
+                    gate.requires_grad_(False)
             hub._generate = lambda mapped, readout, gate: mapped  # instance attribute shadows the static method
 
 
@@ -62,7 +67,11 @@ def record_hub_scale(model: nn.Module) -> list[dict[str, float]]:
         text, vision = (t.detach() for t in args)
         record = {"readout_text": float(text.norm(dim=-1).mean()), "readout_vision": float(vision.norm(dim=-1).mean())}
         if out.text_activation is not None:
-            own_text, own_vision = (text, vision) if hub.memory else (0.0, 0.0)
+            own_text, own_vision = (
+                (hub.carry_only("text", text).detach(), hub.carry_only("vision", vision).detach())
+                if hub.memory
+                else (0.0, 0.0)
+            )
             record["generated_text"] = float((out.text_prompts.detach() - own_text).norm(dim=-1).mean())
             record["generated_vision"] = float((out.vision_prompts.detach() - own_vision).norm(dim=-1).mean())
             activation = out.vision_activation.detach().clamp_min(1e-12)

@@ -102,7 +102,7 @@ def build_full_finetuning(backbone: nn.Module, num_labels: int) -> nn.Module:
     return model
 
 
-MITP_LR = mitp_options().learning_rate  # 3e-2, the offline job's default (chosen on its validation split)
+MITP_LR = mitp_options().learning_rate  # the offline job's default (chosen on its validation split)
 # The learning rate of the other prompt-style baselines and of full fine-tuning's head: the job's earlier default,
 # a standard choice for prompts and heads. Pinned here so that a change of the job's default moves only the methods
 # that share MITP's parameters (MITP, its ablations, deep prompt tuning).
@@ -117,7 +117,8 @@ METHODS: dict[str, Method] = {
         Method(
             "mitp-no-interaction",
             "ablation",
-            "MITP, interaction off (temporal prompts with memory, no cross-modal term)",
+            "MITP, interaction off (temporal prompts with memory, no cross-modal term, no token consolidation; the "
+            "same fusion MLP before the head)",
             lambda b, n: build_mitp(b, n, interaction=False),
             MITP_LR,
         ),

@@ -85,7 +85,8 @@ SHAPES = {
 
 
 def build_mitp_default(backbone: nn.Module, num_labels: int) -> nn.Module:
-    """MITP with `MITPConfig()`'s defaults (the paper's configuration), its loss computed by the caller."""
+    """MITP with `MITPConfig()`'s defaults (the paper's configuration plus the hub's read-out to the head), its loss
+    computed by the caller."""
     from peft import get_peft_model
 
     import peft_mitp

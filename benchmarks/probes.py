@@ -10,6 +10,11 @@ Heads: `linear` (one linear layer on the concatenated pooled text and image feat
 one hidden layer of 512 with GELU). AdamW without weight decay, batch 32, linear warm-up over 5% of the steps then
 cosine decay (the offline job's schedule).
 
+`--heads tokens` adds MITP's own read-out as a probe: the default adapter's memory hub (token consolidation in 8 heads
+of width 512, fusion MLP of 256, `peft_mitp.hub.MemoryHub`) and a linear head, trained on the cached output tokens and
+pooled features of the frozen towers: MITP without its prompts, run the way a probe's user runs it. Its inputs are not
+standardised up front (the hub standardises them itself, as inside MITP).
+
 Run:
 
     python benchmarks/probes.py                       # 3 seeds, full grid; writes benchmarks/results/probes/
@@ -36,10 +41,12 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import harness  # noqa: E402
+from peft_mitp_cli.options import TrainOptions  # noqa: E402
 
 HEADS = ("linear", "mlp")
+ALL_HEADS = (*HEADS, "tokens")
 LEARNING_RATES = (1e-3, 3e-3, 1e-2)
-EPOCHS = (1, 2, 5, 10, 20)
+EPOCHS = (1, 2, 5, 10, 20, 40, 80)
 SEEDS = (0, 1, 2)
 BATCH_SIZE = 32
 
@@ -57,6 +64,56 @@ def pooled_features(backbone: nn.Module, split: harness.EncodedSplit, batch_size
         text, image = model.pooled_features(**batch)
         out.append(torch.cat([text, image], dim=-1).float())
     return torch.cat(out)
+
+
+class TokenFeatures:
+    """Cached inputs of the `tokens` probe: raw pooled features and the towers' output tokens, per row.
+
+    Rows index distinct texts and images (the towers run once per distinct text and image); `self[rows]` selects rows.
+    """
+
+    def __init__(self, pooled: torch.Tensor, text: torch.Tensor, mask: torch.Tensor, image: torch.Tensor,
+                 text_index: torch.Tensor, image_index: torch.Tensor) -> None:
+        self.pooled, self.text, self.mask, self.image = pooled, text, mask, image
+        self.text_index, self.image_index = text_index, image_index
+
+    def __len__(self) -> int:
+        return len(self.pooled)
+
+    def __getitem__(self, rows: torch.Tensor) -> TokenFeatures:
+        return TokenFeatures(self.pooled[rows], self.text, self.mask, self.image, self.text_index[rows],
+                             self.image_index[rows])
+
+
+@torch.no_grad()
+def token_features(backbone: nn.Module, split: harness.EncodedSplit, pooled: torch.Tensor) -> TokenFeatures:
+    """The frozen towers' last-layer tokens of every distinct text and image of `split`, and the rows' pooled features."""
+    texts = backbone.text_model(input_ids=split.input_ids, attention_mask=split.attention_mask,
+                                token_type_ids=split.token_type_ids).last_hidden_state
+    images = torch.cat([backbone.vision_model(pixel_values=split.pixel_values[rows]).last_hidden_state
+                        for rows in torch.arange(len(split.pixel_values)).split(256)])
+    return TokenFeatures(pooled, texts, split.attention_mask, images, split.text_index, split.image_index)
+
+
+class TokenHead(nn.Module):
+    """MITP's read-out on cached tokens: the default adapter's hub (token consolidation, fusion) and a linear head."""
+
+    def __init__(self, width: int, feature_dim: int, num_labels: int) -> None:
+        super().__init__()
+        from benchmarks.baselines import init_linear
+        from peft_mitp.config import DEFAULT_FUSION_HIDDEN_SIZE
+        from peft_mitp.hub import MemoryHub
+
+        config = TrainOptions().mitp_config()
+        self.hub = MemoryHub(width, width, hub_dim=config.hub_dim, interaction=False, memory=False,
+                             token_heads=config.token_heads, fusion_hidden_size=DEFAULT_FUSION_HIDDEN_SIZE,
+                             feature_dim=feature_dim)
+        self.out = init_linear(nn.Linear(feature_dim, num_labels))
+
+    def forward(self, x: TokenFeatures) -> torch.Tensor:
+        mask = x.mask[x.text_index]
+        scores = self.hub.consolidate_tokens(x.text[x.text_index], mask, x.image[x.image_index], None)
+        return self.out(self.hub.readout(x.pooled, scores))
 
 
 def make_head(kind: str, in_features: int, num_labels: int, hidden_size: int = 512) -> nn.Module:
@@ -84,7 +141,10 @@ def train_head(
     from transformers import get_cosine_schedule_with_warmup
 
     torch.manual_seed(seed)
-    head = make_head(kind, features.shape[1], num_labels)
+    if kind == "tokens":
+        head = TokenHead(features.text.shape[-1], features.pooled.shape[1], num_labels).train()
+    else:
+        head = make_head(kind, features.shape[1], num_labels)
     optimizer = torch.optim.AdamW(head.parameters(), lr=learning_rate, weight_decay=0.0)
     steps = epochs * math.ceil(len(labels) / BATCH_SIZE)
     schedule = get_cosine_schedule_with_warmup(optimizer, math.ceil(0.05 * steps), steps)
@@ -132,11 +192,14 @@ def run(
         num_labels = len(get_label_names(data))
         backbone = build_offline_backbone()
         started = time.perf_counter()
-        features = {name: pooled_features(backbone, split) for name, split in splits.items()}
+        raw = {name: pooled_features(backbone, split) for name, split in splits.items()}
         feature_seconds = time.perf_counter() - started
         train_feature_seconds = feature_seconds * len(splits["train"]) / sum(len(s) for s in splits.values())
-        mean, std = features["train"].mean(0), features["train"].std(0).clamp_min(1e-6)
-        features = {name: (f - mean) / std for name, f in features.items()}
+        mean, std = raw["train"].mean(0), raw["train"].std(0).clamp_min(1e-6)
+        standardised = {name: (f - mean) / std for name, f in raw.items()}
+        tokens = {}
+        if "tokens" in heads:
+            tokens = {name: token_features(backbone, split, raw[name]) for name, split in splits.items()}
         labels = {name: split.labels for name, split in splits.items()}
 
         report: dict[str, Any] = {
@@ -148,6 +211,7 @@ def run(
             "heads": {},
         }
         for kind in heads:
+            features = tokens if kind == "tokens" else standardised
             search = []
             for lr in learning_rates:
                 for n in epochs:
@@ -214,12 +278,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run: 400 training rows, 1 seed, 2 epoch counts")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--heads", nargs="+", choices=ALL_HEADS, default=list(HEADS), help="heads to run")
+    parser.add_argument("--epochs", nargs="+", type=int, default=list(EPOCHS), help="epoch counts of the grid")
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "probes")
     args = parser.parse_args(argv)
     if args.quick:
-        report = run(max_train=400, max_test=200, learning_rates=(1e-2,), epochs=(1, 2), seeds=(0,), threads=args.threads)
+        report = run(max_train=400, max_test=200, heads=tuple(args.heads), learning_rates=(1e-2,), epochs=(1, 2),
+                     seeds=(0,), threads=args.threads)
     else:
-        report = run(threads=args.threads)
+        report = run(heads=tuple(args.heads), epochs=tuple(args.epochs), threads=args.threads)
     harness.write_report(args.output, report, markdown(report))
     return report
 

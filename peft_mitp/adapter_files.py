@@ -11,7 +11,7 @@ import os
 from contextlib import suppress
 from typing import Any
 
-__all__ = ["check_adapter_weights", "check_hub_weights"]
+__all__ = ["adapt_legacy_hub", "check_adapter_weights", "check_hub_weights"]
 
 
 def check_adapter_weights(
@@ -119,13 +119,46 @@ def check_hub_weights(path: str, interaction: bool) -> None:
     with safe_open(path, framework="pt") as weights:
         keys = list(weights.keys())
     hub_keys = [key for key in keys if ".mitp_hub." in key]
-    # A decoder VLM's hub (direction vision -> language) has no vision generation map and no vision gate.
+    # A decoder VLM's hub (direction vision -> language) has no vision generation map and no vision gate; a hub with one
+    # pair has no generation maps at all (only the maps of its token consolidation).
     both = any(".mitp_hub.vision_out." in key for key in hub_keys)
+    generates = any(".mitp_hub.text_out." in key for key in hub_keys)
     gates = _HUB_GATES if both else _HUB_GATES[:1]
     missing = [gate for gate in gates if not any(key.endswith(f"mitp_hub.{gate}") for key in hub_keys)]
-    if hub_keys and missing:
+    if generates and missing:
         raise ValueError(
             f"{path} holds a memory hub without {missing}: it was saved by a peft_mitp version from before the hub's "
             "generated term was normalised and gated, and this version's hub computes something else with it "
             "(docs/method.md, the generation step). Train the adapter again with this version."
         )
+
+
+def adapt_legacy_hub(path: str, config: Any) -> bool:
+    """Make `config` describe the hub an adapter saved before the hub's read-out to the head was added (2026-12-02).
+
+    Such a file has neither read-out tensors nor memory gates. Loaded with this version's defaults, the new
+    tensors would stay at their initial values (peft only warns about missing keys) and change what the adapter
+    computes. So its config is set to what that version ran: no token consolidation, no fusion MLP, read-outs carried
+    whole without memory gates. The adapter then computes exactly what it computed when it was saved.
+
+    Args:
+        path: the local `adapter_model.safetensors`.
+        config: the adapter's `MITPConfig` (changed in place).
+
+    Returns:
+        Whether the config was changed.
+    """
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as weights:
+        keys = list(weights.keys())
+    hub_keys = [key for key in keys if ".mitp_hub." in key]
+    if any(".mitp_hub.readout." in key or "_memory_gate" in key for key in hub_keys):
+        return False
+    # (A file of this version without either, e.g. `fusion_hidden_size=0` with one pair, gets the values it has.)
+    if config.token_consolidation is False and config.fusion_hidden_size == 0 and config.memory_gate_init is None:
+        return False
+    config.token_consolidation = False
+    config.fusion_hidden_size = 0
+    config.memory_gate_init = None
+    return True

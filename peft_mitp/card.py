@@ -24,7 +24,7 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from torch import nn
 
-from .config import MITPConfig
+from .config import DEFAULT_FUSION_HIDDEN_SIZE, MITPConfig
 from .offline_backbone import OFFLINE_BACKBONE_NAME
 
 TRAINING_INFO_FILE = "mitp_training.json"
@@ -174,6 +174,28 @@ def _title(repo_id: str | None, dataset: str | None, base: str) -> str:
     return f"MITP adapter for {dataset} on {base}" if dataset else f"MITP adapter on {base}"
 
 
+def _readout_sentence(config: Any, decoder: bool) -> str:
+    """What of the hub reaches the classification head (docs/method.md, "The read-out to the head")."""
+    tokens = config.token_consolidation
+    if tokens is None:
+        tokens = config.interaction and not decoder
+    fusion = config.fusion_hidden_size
+    if fusion is None:
+        fusion = 0 if decoder else DEFAULT_FUSION_HIDDEN_SIZE
+    parts = []
+    if tokens:
+        parts.append(
+            f"a last consolidation on the tokens both towers end with ({config.token_heads} similarity heads, "
+            "softmax over the image tokens)"
+        )
+    if fusion:
+        parts.append(f"a fusion MLP of width {fusion} on the standardised pooled features"
+                     + (" and those similarities" if tokens else ""))
+    if not parts:
+        return "none; the head reads the pooled features only."
+    return " and ".join(parts) + ", added to the pooled features the head reads."
+
+
 def _layers_sentence(config: MITPConfig) -> str:
     """Which layers are not interaction layers (frozen extraction layers), per tower."""
     backbone = config.backbone or {}
@@ -230,6 +252,7 @@ def _configuration_lines(config: MITPConfig, decoder: bool = False) -> list[str]
         + "; memory "
         + _switch(config.memory, "a layer's read-out carries on to the next interaction layer", "no carry")
         + ".",
+        "- **Read-out to the head**: " + _readout_sentence(config, decoder),
     ]
     if getattr(config, "missing_modality", False):
         lines.append(

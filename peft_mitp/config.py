@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from peft.config import PeftConfig
 
-from .adapter_files import check_adapter_weights, check_hub_weights
+from .adapter_files import adapt_legacy_hub, check_adapter_weights, check_hub_weights
 
 SIMILARITIES = ("scaled_dot", "cosine", "dot")
 ACTIVATIONS = ("softmax", "hard")
@@ -28,6 +28,10 @@ class MITPPeftType(str, enum.Enum):
     """
 
     MITP = "MITP"
+
+
+DEFAULT_FUSION_HIDDEN_SIZE = 256
+"""`MITPConfig(fusion_hidden_size=None)` on a dual encoder (docs/benchmarks.md, "Does the interaction carry the task?")."""
 
 
 def _check_layer_list(name: str, layers: list[int] | None) -> list[int] | None:
@@ -142,6 +146,32 @@ class MITPConfig(PeftConfig):
             "step."
         },
     )
+    token_consolidation: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Whether the memory hub, after the last interaction pair, also consolidates the tokens both towers "
+            "end with: every text token's similarity with every image token in `token_heads` heads of the hub's "
+            "shared space, a softmax over the image tokens, and the activated similarities averaged over the text "
+            "tokens reach the classification head (through the fusion MLP, `fusion_hidden_size`). This is what "
+            "answers questions that need the text matched against the image (docs/benchmarks.md). None: on for "
+            "dual encoders with `interaction=True`, off for decoder vision-language models (not available there "
+            "yet) and without interaction."
+        },
+    )
+    token_heads: int = field(
+        default=8,
+        metadata={"help": "Number of heads of the token consolidation; `hub_dim` must be divisible by it."},
+    )
+    fusion_hidden_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Width of the hub's fusion MLP (one GELU hidden layer) on the standardised pooled features of "
+            "both towers and the token similarities; its output is added to the pooled features the linear head "
+            "reads. 0: no fusion MLP (the similarities, if any, reach the head through one linear map). Kept with "
+            "`interaction=False`, so that the ablation has the same head. None: 256 for dual encoders, 0 for decoder "
+            "vision-language models (not measured there)."
+        },
+    )
     interaction: bool = field(
         default=True,
         metadata={"help": "Ablation switch. False: no cross-modal term; each tower's prompts only carry its own "
@@ -151,6 +181,16 @@ class MITPConfig(PeftConfig):
         default=True,
         metadata={"help": "Ablation switch. False: a layer's read-out is not carried to the next interaction layer; "
                   "each layer starts from its own learned prompts plus the cross-modal term."},
+    )
+    memory_gate_init: float = field(
+        default=0.0,
+        metadata={
+            "help": "Initial value of the hub's per-channel memory gates, which scale each tower's read-out before it "
+            "is carried into the next interaction layer's prompts (with `memory=True`). 1.0 carries the read-out "
+            "whole, at the scale of the towers' hidden states, which disturbs the frozen layers above it and the "
+            "output tokens the token consolidation reads (docs/method.md). 0: the memory starts closed and opens as "
+            "far as training finds it useful."
+        },
     )
     prompt_init_std: float = field(
         default=0.02,
@@ -219,11 +259,28 @@ class MITPConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = MITPPeftType.MITP
-        for name in ("prompt_length", "num_interaction_layers", "hub_dim"):
+        for name in ("prompt_length", "num_interaction_layers", "hub_dim", "token_heads"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"`{name}` must be a positive integer (>= 1), got {value!r}.")
-        for name in ("temperature", "prompt_init_std", "modality_dropout"):
+        value = self.fusion_hidden_size
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            raise ValueError(
+                f"`fusion_hidden_size` must be an integer >= 0 (0: no fusion MLP) or None, got {value!r}."
+            )
+        if self.token_consolidation is not None and not isinstance(self.token_consolidation, bool):
+            raise ValueError(f"`token_consolidation` must be True, False or None, got {self.token_consolidation!r}.")
+        if self.token_consolidation and not self.interaction:
+            raise ValueError(
+                "`token_consolidation=True` compares the two towers' tokens, which is a cross-modal interaction: it "
+                "needs `interaction=True`. Leave it None (or False) for the `interaction=False` ablation."
+            )
+        if self.token_consolidation is not False and self.interaction and self.hub_dim % self.token_heads:
+            raise ValueError(
+                f"`hub_dim`={self.hub_dim} must be divisible by `token_heads`={self.token_heads} (each head takes "
+                "an equal slice of the hub's shared space)."
+            )
+        for name in ("temperature", "prompt_init_std", "modality_dropout", "memory_gate_init"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
                 raise ValueError(f"`{name}` must be a number, got {value!r}.")
@@ -368,6 +425,7 @@ class MITPConfig(PeftConfig):
         if check_weights:
             path = check_adapter_weights(pretrained_model_name_or_path, subfolder=subfolder, **cls._split_kwargs(kwargs)[0])
             check_hub_weights(path, config.interaction)
+            adapt_legacy_hub(path, config)
         return config
 
 

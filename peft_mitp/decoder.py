@@ -128,8 +128,9 @@ def pooled_features(
     towers: dict[str, ResolvedTower],
     inputs: dict[str, Any],
     frozen_below: list[str],
-) -> tuple[torch.Tensor, list[Any]]:
-    """Run the decoder VLM with the memory hub between its parts; return (last-token features, hub outputs)."""
+) -> tuple[torch.Tensor, list[Any], Any]:
+    """Run the decoder VLM with the memory hub between its parts; return (last-token features, hub outputs, the hub
+    that served the forward: a `MemoryHub`, every adapter's hubs in a mixed batch, or None without an adapter)."""
     mask = inputs.get("attention_mask")
     if family.positions_from_mask and mask is not None and inputs.get("position_ids") is None:
         # Left padding: give each real token the position it has without padding, so padded and unpadded texts match.
@@ -151,7 +152,7 @@ def pooled_features(
         vision_rows=rows,
         packed={k for k, t in towers.items() if t.packed},
     )
-    return last_token(result.output.last_hidden_state, mask), result.hub_outputs
+    return last_token(result.output.last_hidden_state, mask), result.hub_outputs, result.hub
 
 
 __all__ = [

@@ -212,6 +212,10 @@ class BackboneFamily:
             vision config's `num_channels` and `image_size` before the towers run; "patches": flattened patches
             (B, P, C*p*p), as SigLIP 2's NaFlex image processor gives them with `pixel_attention_mask` and
             `spatial_shapes`.
+        output_tokens: whether the feature functions' outputs hold each tower's last-layer tokens at its layers'
+            width (`last_hidden_state`, or the per-token features of a `features_token` family): the memory hub's
+            token consolidation reads them (`MITPConfig.token_consolidation`). False for AltCLIP, whose text output
+            projects its tokens to another width.
     """
 
     name: str
@@ -226,6 +230,7 @@ class BackboneFamily:
     features_token: int | None = None
     text_padding: Literal["longest", "max_length"] = "longest"
     pixel_values_layout: Literal["images", "patches"] = "images"
+    output_tokens: bool = True
 
 
 def _last_layer(config: Any, depth: int) -> int:
@@ -555,6 +560,7 @@ register_family(
         text=TowerSpec("text_model", "roberta.encoder.layers"),
         vision=TowerSpec("vision_model", "encoder.layers"),
         text_inputs=("input_ids", "attention_mask", "token_type_ids", "position_ids"),
+        output_tokens=False,
     )
 )
 register_family(

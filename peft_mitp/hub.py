@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -167,6 +168,143 @@ class ModalityStandIns(nn.Module):
         return f"readout_pairs={self.readout_pairs}, prompt_lengths={self.prompt_lengths}, widths={self.widths}"
 
 
+TOKEN_SCORE_LIMIT = 1e4
+"""Bound of each token-consolidation score (`MemoryHub.consolidate_tokens`)."""
+
+
+class _ToHubDtype(torch.autograd.Function):
+    """Cast a tower's tokens to the hub's dtype; on the way back, keep the gradient within the tower's dtype range.
+
+    The hub computes in float32 under a half-precision backbone: a gradient it hands back may exceed float16's range,
+    which would turn into inf in the tower's backward (and NaN in the prompts' gradients). It is clamped to that range
+    instead (large, but finite: the optimizer normalises it).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, tokens: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        ctx.source = tokens.dtype
+        return tokens.to(dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        if grad.dtype != ctx.source and ctx.source.is_floating_point:
+            limit = torch.finfo(ctx.source).max
+            grad = torch.nan_to_num(grad, nan=0.0, posinf=limit, neginf=-limit).clamp(-limit, limit)
+        return grad.to(ctx.source), None
+
+
+def _token_mask(mask: torch.Tensor | None, tokens: torch.Tensor) -> torch.Tensor:
+    """(B, L) bool mask of real tokens, on the tokens' device (all True when `mask` is None)."""
+    if mask is None:
+        return torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+    return mask.to(device=tokens.device).bool()
+
+
+STD_FLOOR = 0.1
+"""`Standardizer`: no channel's standard deviation is taken below this fraction of the median channel's."""
+
+
+class Standardizer(nn.Module):
+    """Per-channel standardisation whose statistics are taken from the first training batch (ActNorm-style).
+
+    Frozen towers keep a few channels at large, nearly constant values (BERT and CLIP both do); a layer norm over each
+    token leaves them dominant. This module subtracts each channel's mean and divides by its standard deviation, both
+    measured on the first training batch that passes through it (all processes together under
+    `torch.distributed`), and keeps them fixed: they are buffers, saved, loaded and switched with the adapter, not
+    trained (the maps after it learn any rescaling; an optimizer's steps on them would undo the standardisation of
+    the wide channels). Until that first training batch, `scale` is zero and the output is zero.
+
+    Args:
+        width: number of channels.
+    """
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.register_buffer("shift", torch.zeros(width))
+        self.register_buffer("scale", torch.zeros(width))
+
+    @property
+    def initialised(self) -> bool:
+        """Whether the statistics were taken (or loaded)."""
+        if self.scale.is_meta:  # shapes only (cost estimates on the meta device): nothing to measure
+            return True
+        return bool(self.scale.ne(0).any())
+
+    @torch.no_grad()
+    def initialise(self, rows: torch.Tensor) -> None:
+        """Take mean and standard deviation per channel from `rows` (N, width)."""
+        # In float64, so that the statistics do not depend on how the rows are split over processes (DDP, FSDP).
+        rows = rows.detach().double()
+        stats = torch.stack([rows.sum(0), rows.pow(2).sum(0), rows.new_full(rows.shape[-1:], rows.shape[0])])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(stats)
+        mean = stats[0] / stats[2].clamp_min(1)
+        std = (stats[1] / stats[2].clamp_min(1) - mean.pow(2)).clamp_min(0).sqrt()
+        # A channel (nearly) constant in that batch gets the scale of a typical channel, not an enormous one that would
+        # amplify any later change in it (a quantized backbone's rounding, a shift in the data) a thousandfold.
+        floor = max(float(std.median()) * STD_FLOOR, 1e-6)
+        self.shift.copy_(mean.to(self.shift.dtype))
+        self.scale.copy_((1 / std.clamp_min(floor)).to(self.scale.dtype))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Standardise `x` (..., width); `mask` (same leading shape, bool) marks the rows that count for the first
+        batch's statistics (padding does not)."""
+        if self.training and not self.initialised:
+            self.initialise(x.reshape(-1, x.shape[-1]) if mask is None else x[mask])
+        return (x - self.shift) * self.scale
+
+
+class MemoryReadout(nn.Module):
+    r"""What the memory hub hands the classification head (`MITPConfig(token_consolidation=..., fusion_hidden_size=...)`).
+
+    **Token consolidation** (the hub's last consolidation, on the tokens both towers end with): the text tokens
+    $X_t$ and the image tokens $X_v$ are standardised per channel (`Standardizer`), mapped into the hub's shared space
+    by the hub's own maps ($W_t$, $W_v$, shared with the prompt consolidation) and split into `heads` heads; per head,
+    $S = \mathrm{sim}(W_t X_t, W_v X_v) / 	au$ (one row per text token), the activation $A = \mathrm{softmax}(S)$ over the
+    image tokens, and the activated similarity $\sum_j A_{ij} S_{ij}$ of each text token, averaged over the real text
+    tokens: `heads` numbers per sample that say how well what the text names is found in the image.
+
+    **Fusion**: a one-hidden-layer MLP (GELU) on the standardised pooled features of both towers and those numbers,
+    whose output is added to the pooled features the head reads. It is the non-linear step a yes/no question needs
+    ("is there *not* a red shape?" flips the answer the similarity gives); without token consolidation it is a
+    late-fusion MLP on the pooled features (the `interaction=False` ablation keeps it, so the ablation has the same head).
+
+    Args:
+        feature_dim: width of the concatenated pooled features the head reads.
+        heads: number of similarity heads (0: no token consolidation).
+        hidden_size: width of the fusion MLP (0: none; the similarities then go through one linear map).
+        text_width / vision_width: hidden widths of the towers (for the token standardisers).
+    """
+
+    def __init__(self, feature_dim: int, heads: int, hidden_size: int, text_width: int, vision_width: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.features = Standardizer(feature_dim)
+        if heads:
+            self.text_tokens = Standardizer(text_width)
+            self.vision_tokens = Standardizer(vision_width)
+        inputs = feature_dim + heads
+        if hidden_size:
+            self.fusion = nn.Sequential(nn.Linear(inputs, hidden_size), nn.GELU(), nn.Linear(hidden_size, feature_dim))
+        else:
+            self.fusion = nn.Linear(heads, feature_dim) if heads else None
+
+    def forward(self, features: torch.Tensor, scores: torch.Tensor | None) -> torch.Tensor:
+        """`features` (B, D) plus the fusion of their standardised values and the similarities `scores` (B, heads),
+        in the read-out's dtype (the adapter's float32 under a half-precision backbone, whose range the sum may
+        exceed)."""
+        if self.fusion is None:
+            return features
+        dtype = self.features.shift.dtype
+        features = features.to(dtype)
+        if isinstance(self.fusion, nn.Linear):
+            return features + self.fusion(scores.to(dtype))
+        parts = [self.features(features)]
+        if self.heads:
+            parts.append(scores.to(dtype))
+        return features + self.fusion(torch.cat(parts, dim=-1))
+
+
 class MemoryHub(nn.Module):
     r"""Shared memory hub of one MITP adapter.
 
@@ -187,12 +325,14 @@ class MemoryHub(nn.Module):
         other modality then grows with how well it matches there, which a softmax over the other modality alone
         cannot express (it always sums to one over the other modality's prompts).
 
-    Generation (residual memory plus the activated other modality, mapped back to each tower's width, normalised and
-    brought to the scale of that tower's read-out, then gated):
-        $C_t = R_t + g_t \odot \mathrm{rms}(R_t)\,\mathrm{LN}(U_t Z_t)$,
-        $C_v = R_v + g_v \odot \mathrm{rms}(R_v)\,\mathrm{LN}(U_v Z_v)$,
+    Generation (gated residual memory plus the activated other modality, mapped back to each tower's width,
+    normalised and brought to the scale of that tower's read-out, then gated):
+        $C_t = m_t \odot R_t + g_t \odot \mathrm{rms}(R_t)\,\mathrm{LN}(U_t Z_t)$,
+        $C_v = m_v \odot R_v + g_v \odot \mathrm{rms}(R_v)\,\mathrm{LN}(U_v Z_v)$,
     with $\mathrm{rms}(R)$ the root mean square of each read-out token (a measured scale, not differentiated), LN
-    without parameters and $g$ a learned per-channel gate.
+    without parameters, $g$ a learned per-channel gate and $m$ a learned per-channel memory gate (starting at
+    `memory_gate_init`: a read-out carried whole, at the scale of the towers' hidden states, into the next layer's
+    prompts disturbs the frozen layers above it; docs/benchmarks.md, "Does the interaction carry the task?").
 
     The layers of pair k+1 add their own learned prompts $E^{k+1}$ to the carry: $P^{k+1} = E^{k+1} + C^{k+1}$.
     With `memory=False` the residual $R$ is dropped; with `interaction=False` the cross term is dropped (and no maps
@@ -222,6 +362,12 @@ class MemoryHub(nn.Module):
             vision-language models: the vision tower runs to the end before the language model starts, so only the
             language model's prompts draw on the stored vision read-outs; the vision side keeps its own memory and
             has no generation map or gate).
+        token_heads: number of heads of the token consolidation after the last pair (`MemoryReadout`); 0: none.
+            Needs `interaction` (it uses the hub's maps).
+        fusion_hidden_size: width of the fusion MLP of `MemoryReadout`; 0: none.
+        feature_dim: width of the pooled features the head reads (needed when either of the two above is set).
+        memory_gate_init: initial value of every channel of the memory gates $m$ (1.0: the read-out carried whole).
+            None: no memory gates (an adapter with one pair carries nothing, so it gets none).
     """
 
     def __init__(
@@ -239,10 +385,16 @@ class MemoryHub(nn.Module):
         consolidation: str = "cross",
         gate_init: float = 0.0,
         direction: str = "both",
+        token_heads: int = 0,
+        fusion_hidden_size: int = 0,
+        feature_dim: int = 0,
+        memory_gate_init: float | None = 1.0,
     ) -> None:
         super().__init__()
         if direction not in ("both", "vision_to_text"):
             raise ValueError(f"`direction` must be 'both' or 'vision_to_text', got {direction!r}.")
+        if token_heads and hub_dim % token_heads:
+            raise ValueError(f"`hub_dim`={hub_dim} must be divisible by the number of token heads ({token_heads}).")
         self.direction = direction
         self.text_width = text_width
         self.vision_width = vision_width
@@ -254,15 +406,25 @@ class MemoryHub(nn.Module):
         self.memory = memory
         self.consolidation = consolidation
         self.gate_init = gate_init
-        if interaction:
+        if interaction or token_heads:
+            # The mapping connection into the shared space: used by the prompt consolidation between pairs and by the
+            # token consolidation after the last pair.
             self.text_in = nn.Linear(text_width, hub_dim)
             self.vision_in = nn.Linear(vision_width, hub_dim)
+        if interaction:
             self.text_out = nn.Linear(hub_dim, text_width)
             self.text_gate = nn.Parameter(torch.empty(text_width))
             if direction == "both":
                 self.vision_out = nn.Linear(hub_dim, vision_width)
                 self.vision_gate = nn.Parameter(torch.empty(vision_width))
-            self.reset_parameters()
+        self.memory_gate_init = memory_gate_init
+        if memory and memory_gate_init is not None:
+            self.text_memory_gate = nn.Parameter(torch.full((text_width,), float(memory_gate_init)))
+            self.vision_memory_gate = nn.Parameter(torch.full((vision_width,), float(memory_gate_init)))
+        self.reset_parameters()
+        self.readout = None
+        if token_heads or fusion_hidden_size:
+            self.readout = MemoryReadout(feature_dim, token_heads, fusion_hidden_size, text_width, vision_width)
         # Held by the hub so that they live in `mitp_hub[adapter]`: saved, loaded and switched with the adapter.
         self.stand_ins = stand_ins
         self.modality_dropout = modality_dropout
@@ -270,11 +432,14 @@ class MemoryHub(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Initialise the maps as `nn.Linear` does and the gates at `gate_init` (0: no cross-modal term at the start)."""
+        for name in ("text_in", "vision_in", "text_out", "vision_out"):
+            if hasattr(self, name):
+                getattr(self, name).reset_parameters()
+        for name in ("text_memory_gate", "vision_memory_gate"):
+            if hasattr(self, name):
+                nn.init.constant_(getattr(self, name), self.memory_gate_init)
         if not self.interaction:
             return
-        for linear in (self.text_in, self.vision_in, self.text_out, getattr(self, "vision_out", None)):
-            if linear is not None:
-                linear.reset_parameters()
         for gate in (self.text_gate, getattr(self, "vision_gate", None)):
             if gate is not None:
                 nn.init.constant_(gate, self.gate_init)
@@ -308,8 +473,8 @@ class MemoryHub(nn.Module):
             weight = self.text_in.weight
             text_readout = text_readout.to(device=weight.device, dtype=weight.dtype)
             vision_readout = vision_readout.to(device=weight.device, dtype=weight.dtype)
-        text_carry = text_readout if self.memory else None
-        vision_carry = vision_readout if self.memory else None
+        text_carry = self.carry_only("text", text_readout)
+        vision_carry = self.carry_only("vision", vision_readout)
         if not self.interaction:
             return HubOutput(text_carry, vision_carry)
 
@@ -350,10 +515,66 @@ class MemoryHub(nn.Module):
             vision_activation=vision_activation,
         )
 
+    @property
+    def token_heads(self) -> int:
+        """Number of token-consolidation heads (0: the hub does not consolidate the towers' output tokens)."""
+        return self.readout.heads if self.readout is not None else 0
+
+    def consolidate_tokens(
+        self,
+        text_tokens: torch.Tensor,
+        text_mask: torch.Tensor | None,
+        vision_tokens: torch.Tensor,
+        vision_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The hub's last consolidation, on the tokens both towers end with (see `MemoryReadout`).
+
+        Args:
+            text_tokens: (B, L_t, d_text) the text tower's output tokens.
+            text_mask: (B, L_t) 1 for real tokens (None: all real).
+            vision_tokens: (B, L_v, d_vision) the vision tower's output tokens.
+            vision_mask: (B, L_v) 1 for real patches (None: all real).
+
+        Returns:
+            (B, token_heads) the activated similarity of each head, averaged over the real text tokens.
+        """
+        readout, weight = self.readout, self.text_in.weight
+        heads = readout.heads
+        text_tokens = _ToHubDtype.apply(text_tokens.to(device=weight.device), weight.dtype)
+        vision_tokens = _ToHubDtype.apply(vision_tokens.to(device=weight.device), weight.dtype)
+        text_mask = _token_mask(text_mask, text_tokens)
+        vision_mask = _token_mask(vision_mask, vision_tokens)
+        text = self.text_in(readout.text_tokens(text_tokens, text_mask))
+        vision = self.vision_in(readout.vision_tokens(vision_tokens, vision_mask))
+        batch, text_len, vision_len = text.shape[0], text.shape[1], vision.shape[1]
+        text = text.view(batch, text_len, heads, -1).transpose(1, 2)  # (B, H, L_t, d)
+        vision = vision.view(batch, vision_len, heads, -1).transpose(1, 2)  # (B, H, L_v, d)
+        if self.similarity == "cosine":
+            scores = F.normalize(text, dim=-1) @ F.normalize(vision, dim=-1).transpose(-1, -2)
+        else:
+            scores = text @ vision.transpose(-1, -2)
+            if self.similarity == "scaled_dot":
+                scores = scores / math.sqrt(text.shape[-1])
+        scores = scores / self.temperature  # (B, H, L_t, L_v)
+        hidden = ~vision_mask[:, None, None, :]
+        if self.activation == "hard":
+            activation = F.one_hot(scores.masked_fill(hidden, float("-inf")).argmax(-1), vision_len).to(scores.dtype)
+        else:
+            activation = torch.softmax(scores.float().masked_fill(hidden, float("-inf")), dim=-1).to(scores.dtype)
+        per_token = (activation * scores.masked_fill(hidden, 0)).sum(-1)  # (B, H, L_t)
+        real = text_mask[:, None, :].to(per_token.dtype)
+        consolidated = (per_token * real).sum(-1) / real.sum(-1).clamp_min(1)
+        # Far above what training produces (a few hundred at most on the offline job), the limit keeps an extreme
+        # hub (maps blown up, temperature near zero) from sending a half-precision tower gradients it cannot hold.
+        return consolidated.clamp(-TOKEN_SCORE_LIMIT, TOKEN_SCORE_LIMIT)
+
     def carry_only(self, tower: str, readout: torch.Tensor) -> torch.Tensor | None:
-        """The carry of `tower` into its next pair without a cross term: its own read-out (memory), or None with
-        `memory=False`. The vision side of a decoder VLM (`direction="vision_to_text"`) gets this."""
-        return readout if self.memory else None
+        """The carry of `tower` into its next pair without a cross term: its own read-out through the memory gate, or
+        None with `memory=False`. The vision side of a decoder VLM (`direction="vision_to_text"`) gets this."""
+        if not self.memory:
+            return None
+        gate = getattr(self, f"{tower}_memory_gate", None)
+        return readout if gate is None else readout * gate.to(device=readout.device, dtype=readout.dtype)
 
     @staticmethod
     def _generate(mapped: torch.Tensor, readout: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
@@ -440,5 +661,5 @@ class MemoryHub(nn.Module):
             f"text_width={self.text_width}, vision_width={self.vision_width}, hub_dim={self.hub_dim}, "
             f"similarity={self.similarity!r}, temperature={self.temperature}, activation={self.activation!r}, "
             f"interaction={self.interaction}, memory={self.memory}, modality_dropout={self.modality_dropout}, "
-            f"consolidation={self.consolidation!r}, gate_init={self.gate_init}"
+            f"consolidation={self.consolidation!r}, gate_init={self.gate_init}, token_heads={self.token_heads}"
         )

@@ -13,7 +13,7 @@ from peft.utils import ModulesToSaveWrapper
 from torch import nn
 
 from .adapter_files import check_adapter_weights, check_hub_weights  # noqa: F401  (re-exported: public API)
-from .config import MITPConfig
+from .config import DEFAULT_FUSION_HIDDEN_SIZE, MITPConfig
 from .hub import MemoryHub, ModalityStandIns
 from .layer import MITPLayer
 from .mixed import BASE, mixed_batch
@@ -264,6 +264,26 @@ class MITPModel(BaseTuner):
         # With one pair no read-out feeds a next pair, so the hub's maps and gates would never run (and never get a
         # gradient, which DDP without `find_unused_parameters` refuses): the hub then has none.
         interaction = config.interaction and len(text_layers) > 1
+        tokens = config.token_consolidation
+        family = getattr(model, "family", None)
+        offered = direction == "both" and getattr(family, "output_tokens", False)
+        if tokens is None:
+            tokens = config.interaction and offered
+        elif tokens and not offered:
+            reason = (
+                "on decoder vision-language models yet (the language model already reads the image tokens)"
+                if direction != "both"
+                else f"for {getattr(family, 'name', type(model).__name__)}: its feature functions do not return the "
+                "towers' last-layer tokens at the layers' width"
+            )
+            raise ValueError(
+                f"`token_consolidation=True` is not available {reason}. Leave it None (on wherever it is available) "
+                "or set it to False."
+            )
+        # Resolved like the layer lists, so that the saved config names what runs.
+        config.token_consolidation = bool(tokens)
+        if config.fusion_hidden_size is None:
+            config.fusion_hidden_size = DEFAULT_FUSION_HIDDEN_SIZE if direction == "both" else 0
         with ctx:
             stand_ins = None
             if config.missing_modality:  # docs/reliability.md, "Missing modalities"
@@ -287,11 +307,16 @@ class MITPModel(BaseTuner):
                 activation=config.activation,
                 interaction=interaction,
                 memory=config.memory,
+                # One pair carries nothing into a next pair: no memory gates (they would never get a gradient).
+                memory_gate_init=config.memory_gate_init if len(text_layers) > 1 else None,
                 stand_ins=stand_ins,
                 modality_dropout=config.modality_dropout,
                 consolidation=config.consolidation,
                 gate_init=config.gate_init,
                 direction=direction,
+                token_heads=config.token_heads if tokens else 0,
+                fusion_hidden_size=config.fusion_hidden_size,
+                feature_dim=sum(model.mitp_feature_dims()),
             )
         # Under low_cpu_mem_usage (or peft's init_empty_weights) the hub is on the meta device: loading assigns it.
         if param.device.type != "meta" and not any(p.device.type == "meta" for p in hub.parameters()):

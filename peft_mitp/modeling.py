@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Any
 
@@ -45,6 +46,19 @@ from .remote import HUB_KWARGS, REACHABILITY_KWARGS, check_hub_reachable
 _PLACEHOLDER_LABELS = 2
 
 logger = logging.get_logger(__name__)
+
+
+@dataclasses.dataclass
+class _TowerRun:
+    """What one lock-step forward of the towers produced (see `MITPForImageTextClassification._run_towers`)."""
+
+    text: torch.Tensor
+    image: torch.Tensor
+    hub_outputs: list[HubOutput]
+    hub: Any
+    presence: Any
+    tokens: dict[str, torch.Tensor | None]
+    token_masks: dict[str, torch.Tensor | None]
 
 
 def _attn_implementations(config: PreTrainedConfig) -> list[tuple[PreTrainedConfig, str | None]]:
@@ -551,7 +565,19 @@ class MITPForImageTextClassification(PreTrainedModel):
 
         `image_present` / `text_present` masks (or a missing `pixel_values` / `input_ids`) mark samples without that
         modality: its tower does not run for them and the active adapter's stand-ins take its place (see `forward`).
+        These are the towers' own pooled features; the head reads them with the memory hub's read-out added
+        (`head_features`).
         """
+        run = self._run_towers(inputs)
+        return run.text, run.image, run.hub_outputs
+
+    def head_features(self, **inputs: Any) -> torch.Tensor:
+        """The (B, D) features the classification head reads: both towers' pooled features, concatenated, plus the
+        active adapter's memory read-out (token consolidation and fusion, `MITPConfig.token_consolidation`)."""
+        return self._memory_features(self._run_towers(inputs))
+
+    def _run_towers(self, inputs: dict[str, Any]) -> _TowerRun:
+        """Run both towers in lock-step (or the decoder VLM's stream); see `pooled_features`."""
         masks = {"text": inputs.pop("text_present", None), "vision": inputs.pop("image_present", None)}
         if self.is_decoder_vlm:
             return self._decoder_features(inputs, masks)
@@ -565,8 +591,8 @@ class MITPForImageTextClassification(PreTrainedModel):
         towers = self.mitp_towers()
         token = self.family.features_token
         fns = {
-            "text": lambda: pooled(getattr(backbone, self.family.text_features)(**routed["text"]), token),
-            "vision": lambda: pooled(getattr(backbone, self.family.image_features)(**routed["vision"]), token),
+            "text": lambda: getattr(backbone, self.family.text_features)(**routed["text"]),
+            "vision": lambda: getattr(backbone, self.family.image_features)(**routed["vision"]),
         }
         result = run_lockstep(
             fns["text"] if routed["text"] is not None else None,
@@ -576,7 +602,16 @@ class MITPForImageTextClassification(PreTrainedModel):
             token_arguments={k: t.token_arguments for k, t in towers.items()},
             frozen_below=self._frozen_towers(towers),
         )
-        text, image = result.text, result.vision
+        outputs = {"text": result.text, "vision": result.vision}
+        text, image = (None if outputs[k] is None else pooled(outputs[k], token) for k in ("text", "vision"))
+        tokens = {
+            kind: None if output is None else (output if isinstance(output, torch.Tensor) else output.last_hidden_state)
+            for kind, output in outputs.items()
+        }
+        token_masks = {
+            "text": None if routed["text"] is None else routed["text"].get("attention_mask"),
+            "vision": None if routed["vision"] is None else routed["vision"].get("pixel_attention_mask"),
+        }
         if result.presence is not None:
             if result.hub is None:
                 raise ValueError(
@@ -586,12 +621,57 @@ class MITPForImageTextClassification(PreTrainedModel):
                 )
             text = result.hub.fill_features("text", text, result.presence)
             image = result.hub.fill_features("vision", image, result.presence)
-        return text, image, result.hub_outputs
+        return _TowerRun(text, image, result.hub_outputs, result.hub, result.presence, tokens, token_masks)
 
-    def _decoder_features(
-        self, inputs: dict[str, Any], masks: dict[str, torch.Tensor | None]
-    ) -> tuple[torch.Tensor, torch.Tensor, list[HubOutput]]:
-        """`pooled_features` of a decoder VLM: the language model's last-token state, and no image features."""
+    def _memory_features(self, run: _TowerRun) -> torch.Tensor:
+        """Concatenated pooled features plus the serving adapter's memory read-out (each adapter's, for its own
+        samples, in a mixed batch; none inside `disable_adapter()` or for "__base__" samples)."""
+        features = torch.cat([run.text, run.image], dim=-1)
+        hub = run.hub
+        if hub is None:
+            return features
+        if isinstance(hub, nn.ModuleDict):  # a mixed-adapter batch: each adapter's read-out on its own samples
+            mixed = current_mixed_batch()
+            done = {
+                name: (rows.to(features.device), self._adapter_memory(hub[name], features[rows.to(features.device)],
+                                                                      run, rows))
+                for name, rows in mixed.groups.items()
+                if name != BASE and hub[name].readout is not None
+            }
+            dtypes = [features.dtype, *(out.dtype for _, out in done.values())]
+            parts = features.to(functools.reduce(torch.promote_types, dtypes)).clone()
+            for rows, out in done.values():
+                parts[rows] = out.to(parts.dtype)
+            return parts
+        if hub.readout is None:
+            return features
+        return self._adapter_memory(hub, features, run, None)
+
+    @staticmethod
+    def _adapter_memory(hub: Any, features: torch.Tensor, run: _TowerRun, rows: torch.Tensor | None) -> torch.Tensor:
+        """One adapter's memory read-out on `features` (the batch's rows `rows`; None: all rows)."""
+        scores = None
+        if hub.token_heads:
+            weight = hub.text_in.weight
+            scores = torch.zeros(features.shape[0], hub.token_heads, device=weight.device, dtype=weight.dtype)
+            tokens, masks = run.tokens, run.token_masks
+            if tokens["text"] is not None and tokens["vision"] is not None:
+                if run.presence is None:
+                    pick = {k: (rows if rows is not None else slice(None)) for k in tokens}
+                    both = slice(None)
+                else:  # samples lacking a modality get no similarities (zeros: no evidence either way)
+                    kept, ran = run.presence.kept, run.presence.ran
+                    both = (kept["text"] & kept["vision"]).to(weight.device)
+                    pick = {k: (ran[k].long().cumsum(0) - 1)[both.to(ran[k].device)] for k in tokens}
+                sub = {
+                    k: (tokens[k][pick[k]], None if masks[k] is None else masks[k][pick[k]]) for k in tokens
+                }
+                if not isinstance(both, torch.Tensor) or bool(both.any()):
+                    scores[both] = hub.consolidate_tokens(*sub["text"], *sub["vision"])
+        return hub.readout(features, scores)
+
+    def _decoder_features(self, inputs: dict[str, Any], masks: dict[str, torch.Tensor | None]) -> _TowerRun:
+        """`_run_towers` of a decoder VLM: the language model's last-token state, and no image features."""
         if any(mask is not None for mask in masks.values()):
             raise ValueError(
                 "`image_present` / `text_present` (missing modalities) are not supported on decoder vision-language "
@@ -599,10 +679,11 @@ class MITPForImageTextClassification(PreTrainedModel):
             )
         given = decoder.check_inputs(self.family, self.backbone.config, inputs, type(self).__name__)
         towers = self.mitp_towers()
-        features, hub_outputs = decoder.pooled_features(
+        features, hub_outputs, hub = decoder.pooled_features(
             self.backbone, self.family, towers, given, self._frozen_towers(towers)
         )
-        return features, features.new_zeros(features.shape[0], 0), hub_outputs
+        none = {"text": None, "vision": None}
+        return _TowerRun(features, features.new_zeros(features.shape[0], 0), hub_outputs, hub, None, none, none)
 
     def forward(
         self,
@@ -655,7 +736,7 @@ class MITPForImageTextClassification(PreTrainedModel):
             raise TypeError(f"`output_hub_activations` must be True or False, got {output_hub_activations!r}.")
         kwargs.pop("return_dict", None)
         check_label_rows(labels, input_ids, pixel_values, image_present, text_present)
-        text, image, hub_outputs = self.pooled_features(
+        run = self._run_towers(dict(
             input_ids=input_ids,
             attention_mask=attention_mask,
             pixel_values=pixel_values,
@@ -669,8 +750,8 @@ class MITPForImageTextClassification(PreTrainedModel):
             image_grid_thw=image_grid_thw,
             mm_token_type_ids=mm_token_type_ids,
             **kwargs,
-        )
-        features = torch.cat([text, image], dim=-1)
+        ))
+        features, hub_outputs = self._memory_features(run), run.hub_outputs
         mixed = current_mixed_batch()
         if (
             mixed is not None

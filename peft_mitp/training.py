@@ -238,8 +238,9 @@ def train(options: TrainOptions) -> dict[str, Any]:
 
     eval_split = "validation" if "validation" in data else "test"
     steps_per_epoch = math.ceil(len(data["train"]) / options.batch_size)
-    # One evaluation at the end is enough for a single epoch; longer runs evaluate (and checkpoint) every epoch.
-    eval_strategy = "steps" if options.eval_steps else ("epoch" if options.epochs > 1 else "no")
+    # One evaluation at the end is enough for a single epoch or a step budget; longer runs evaluate (and checkpoint)
+    # every epoch.
+    eval_strategy = "steps" if options.eval_steps else ("epoch" if evaluates_midway else "no")
     args = TrainingArguments(
         output_dir=str(output / "checkpoints"),
         num_train_epochs=options.epochs,
@@ -278,7 +279,7 @@ def train(options: TrainOptions) -> dict[str, Any]:
         trainer.add_callback(progress)
     training_seconds = trainer.train().metrics["train_runtime"]
     progress.label = f"evaluate {eval_split}"
-    metrics: dict[str, Any] = {f"validation_{k.removeprefix('eval_')}": v for k, v in trainer.evaluate().items()}
+    metrics: dict[str, Any] = {f"validation_{k.removeprefix('eval_')}": v for k, v in _final_evaluation(trainer).items()}
     if "test" in data and eval_split != "test":
         progress.label = "evaluate test"
         test = trainer.predict(data["test"], metric_key_prefix="test")
@@ -317,6 +318,15 @@ def train(options: TrainOptions) -> dict[str, Any]:
     if options.push_to_hub:
         model.push_to_hub(options.push_to_hub)
     return metrics
+
+
+def _final_evaluation(trainer: Any) -> dict[str, float]:
+    """The evaluation of the trained adapter: the Trainer's own, when its last scheduled evaluation ran after the last
+    step (the same numbers; evaluating again would only cost time), else a fresh `trainer.evaluate()`."""
+    evaluations = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
+    if evaluations and evaluations[-1].get("step") == trainer.state.global_step:
+        return {key: value for key, value in evaluations[-1].items() if key.startswith("eval_")}
+    return trainer.evaluate()
 
 
 def _per_group_accuracy(predictions: Any, labels: Any, groups: list[str]) -> dict[str, float]:

@@ -87,14 +87,18 @@ def test_the_jobs_adapter_defaults_are_mitp_configs_except_where_named():
     job, paper = TrainOptions(), peft_mitp.MITPConfig()
     shared = {f.name for f in fields(TrainOptions)} & {g.name for g in fields(peft_mitp.MITPConfig)}
     # Every option named like an adapter field is passed to the adapter, except `backbone` (the checkpoint here).
-    assert shared - {"backbone"} == set(ADAPTER_OPTIONS)
+    assert shared - {"backbone", "token_consolidation"} == set(ADAPTER_OPTIONS)
     for name in ADAPTER_OPTIONS:
         expected = JOB_ADAPTER_DEFAULTS.get(name, getattr(paper, name))
         assert getattr(job, name) == expected, name
+    # The token consolidation: on where MITP offers it (None), or off; never forced on (it needs interaction).
+    assert job.mitp_config().token_consolidation is None and paper.token_consolidation is None
+    assert TrainOptions(token_consolidation=False).mitp_config().token_consolidation is False
+    assert TrainOptions(interaction=False).mitp_config().interaction is False
     # The adapter the job builds carries every option, not only some of them.
     changed = TrainOptions(consolidation="joint", gate_init=0.5, prompt_length=3, temperature=0.5).mitp_config()
     assert (changed.consolidation, changed.gate_init, changed.prompt_length, changed.temperature) == ("joint", 0.5, 3, 0.5)
-    assert (changed.num_interaction_layers, changed.hub_dim) == (3, 256)
+    assert (changed.num_interaction_layers, changed.hub_dim) == (3, 512)
 
 
 def test_version_prints_the_package_version(capsys):
@@ -342,3 +346,24 @@ def test_a_4bit_job_that_would_evaluate_midway_on_cpu_is_refused_before_any_comp
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert "bnb-nf4 on CPU cannot evaluate between training steps" in line and "bnb-int8" in line
     assert not (tmp_path / "run" / "adapter").exists()
+
+
+def test_the_final_evaluation_reuses_the_trainers_evaluation_after_the_last_step():
+    from types import SimpleNamespace
+
+    from peft_mitp.training import _final_evaluation
+
+    calls = []
+
+    def evaluate():
+        calls.append(1)
+        return {"eval_accuracy": 0.5}
+
+    state = SimpleNamespace(global_step=10, log_history=[
+        {"loss": 1.0, "step": 5}, {"eval_loss": 0.3, "eval_accuracy": 0.9, "epoch": 2.0, "step": 10},
+    ])
+    trainer = SimpleNamespace(state=state, evaluate=evaluate)
+    assert _final_evaluation(trainer) == {"eval_loss": 0.3, "eval_accuracy": 0.9} and not calls
+    # The last evaluation ran before the last step (or none ran): evaluate the trained adapter now.
+    state.log_history[-1]["step"] = 8
+    assert _final_evaluation(trainer) == {"eval_accuracy": 0.5} and calls == [1]

@@ -325,7 +325,11 @@ def test_a_training_step_changes_only_adapter_tensors(name):
     optimizer.step()
     after = model.state_dict()
     changed = {k for k, v in after.items() if not torch.equal(v, before[k])}
-    assert changed <= trainable, sorted(changed - trainable)
+    # Besides the trained tensors, only the hub's standardisers change: they take the first training batch's
+    # statistics (buffers of the adapter, docs/method.md).
+    standardisers = {k for k in changed - trainable if ".readout." in k and k.endswith((".shift", ".scale"))}
+    assert changed - standardisers <= trainable, sorted(changed - trainable)
+    assert standardisers or not any(".readout." in k for k in after)
     assert all(("mitp_" in k) or (".classifier." in k) for k in changed), sorted(changed)
     prompts = {k for k in trainable if "mitp_prompt" in k}
     assert len(prompts) == 2 * ADAPTER["num_interaction_layers"] and prompts <= changed
@@ -614,7 +618,8 @@ def test_the_parameter_table_in_the_docs_is_the_scripts_output(monkeypatch):
     spec.loader.exec_module(param_table)
     rows = [param_table.count(c) for c in param_table.CHECKPOINTS]
     clip_large = rows[0]
-    assert clip_large["checkpoint"].startswith("openai/clip-vit-large-patch14") and 1.8e6 <= clip_large["total"] <= 2.2e6
+    # The paper's 2.0M plus the hub's read-out to the head (docs/method.md, "Parameter budget").
+    assert clip_large["checkpoint"].startswith("openai/clip-vit-large-patch14") and 2.8e6 <= clip_large["total"] <= 2.9e6
     decoder_rows = [param_table.count(c) for c in param_table.DECODER_CHECKPOINTS]
     # every family has its real-size row
     assert {r["family"] for r in rows} | {r["family"] for r in decoder_rows} == set(supported_model_types())

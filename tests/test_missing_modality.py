@@ -27,12 +27,16 @@ def _config(**overrides) -> peft_mitp.MITPConfig:
 
 
 def _model(seed: int = 0, **overrides):
-    """A missing-modality adapter with every adapter tensor random (the zero-initialised parts too)."""
+    """A missing-modality adapter with every adapter tensor random (the zero-initialised parts too, and the hub's
+    standardisers, so that the token consolidation takes part)."""
     model = make_model(_config(**overrides), seed=seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "mitp_hub" in name:
                 param.normal_(std=0.3)
+        for name, buffer in model.named_buffers():
+            if "mitp_hub" in name:
+                buffer.uniform_(0.5, 1.5) if name.endswith(".scale") else buffer.normal_(std=0.3)
     return model.eval()
 
 
@@ -61,7 +65,7 @@ def test_mode_off_adds_no_parameters_and_mode_on_adds_only_the_stand_ins():
 
 def test_without_interaction_there_are_only_pooled_feature_stand_ins():
     model = make_model(_config(interaction=False))
-    names = {n for n, _ in model.base_model.mitp_hub["default"].named_parameters()}
+    names = {n for n, _ in model.base_model.mitp_hub["default"].named_parameters() if n.startswith("stand_ins.")}
     assert names == {"stand_ins.features.text", "stand_ins.features.vision"}
 
 

@@ -19,6 +19,10 @@ def three_adapters():
     model = get_peft_model(task, MITPConfig(**LAYOUT, gate_init=0.5), adapter_name="a")
     model.add_adapter("b", MITPConfig(**LAYOUT, gate_init=0.3, num_labels=3))
     model.add_adapter("c", MITPConfig(**LAYOUT, gate_init=0.7, memory=False, consolidation="joint"))
+    with torch.no_grad():  # as if trained: every hub's standardisers set, so its token consolidation takes part
+        for name, buffer in model.named_buffers():
+            if "mitp_hub" in name:
+                buffer.uniform_(0.5, 1.5) if name.endswith(".scale") else buffer.normal_(std=0.3)
     return model.eval()
 
 
