@@ -23,11 +23,12 @@ QUANTIZATIONS = ("none", "int8", "bnb-int8", "bnb-nf4")
 8-bit / 4-bit NF4 (`peft_mitp.quantization.quantization_config`)."""
 ADAPTER_OPTIONS = (
     "prompt_length", "text_layers", "vision_layers", "num_interaction_layers", "hub_dim", "similarity", "temperature",
-    "activation", "consolidation", "gate_init", "interaction", "memory",
+    "activation", "consolidation", "gate_init", "interaction", "memory", "memory_gate_init", "token_heads",
+    "fusion_hidden_size",
 )
 """The options that are `MITPConfig` fields of the same name and meaning (`backbone` is not: here it names the
 checkpoint, in `MITPConfig` the record of the backbone an adapter was built for)."""
-JOB_ADAPTER_DEFAULTS = {"num_interaction_layers": 3, "hub_dim": 256}
+JOB_ADAPTER_DEFAULTS = {"num_interaction_layers": 3}
 """Where the job's adapter defaults depart from `MITPConfig`'s paper-scale ones (4 pairs, hub 512 on CLIP ViT-L/14):
 the offline backbone has 6 layers of width 384 per tower. Every other adapter option defaults to `MITPConfig`'s value
 (tests/test_cli.py checks it)."""
@@ -53,10 +54,13 @@ class TrainOptions:
         data_dir: for the paper's data sets: the public distribution's folder (converted on first use into
             `<data_dir>/mitp-prepared`), or an already converted folder.
         max_train_samples / max_eval_samples: cap the splits (None: use everything). The defaults (8,000 training
-            questions, 1,000 evaluation questions, one epoch of batch 32) keep the offline default job within about
+            questions, 1,000 evaluation questions, two epochs of batch 32) keep the offline default job within about
             five minutes on 2 CPU cores; raise them for the full data set.
         prompt_length, text_layers, vision_layers, num_interaction_layers, hub_dim, similarity, temperature,
-        activation, consolidation, gate_init, interaction, memory: the `MITPConfig` (see docs/method.md).
+        activation, consolidation, gate_init, interaction, memory, memory_gate_init, token_heads,
+        fusion_hidden_size: the `MITPConfig` (see docs/method.md).
+        token_consolidation: True (default): `MITPConfig(token_consolidation=None)`, on wherever MITP offers it;
+            False: off.
         epochs, batch_size, learning_rate, weight_decay, warmup_ratio, max_steps, seed: the Trainer schedule.
         precision: "fp32", "bf16" or "fp16" (mixed precision of the Trainer; the adapter stays float32).
         quantization: "none", "int8" (torchao weight-only), "bnb-int8" or "bnb-nf4" (bitsandbytes): the frozen
@@ -85,8 +89,7 @@ class TrainOptions:
                                            shown_default="spread evenly over the deeper tower")
     num_interaction_layers: int = _opt(JOB_ADAPTER_DEFAULTS["num_interaction_layers"],
                                        "interaction pairs when the layer lists are derived")
-    hub_dim: int = _opt(JOB_ADAPTER_DEFAULTS["hub_dim"],
-                        "width of the memory hub's shared space (sets most of the adapter's size)")
+    hub_dim: int = _opt(512, "width of the memory hub's shared space (sets most of the adapter's size)")
     similarity: str = _opt("scaled_dot", "consolidation similarity between the two modalities' prompts",
                            choices=SIMILARITIES)
     temperature: float | None = _opt(None, "divide similarities by this before the activation (None: 1.0, or 0.1 for "
@@ -99,9 +102,16 @@ class TrainOptions:
     interaction: bool = _opt(True, "ablation: no cross-modal term in the hub", flag="--no-interaction")
     memory: bool = _opt(True, "ablation: do not carry a tower's read-out to the next interaction layer",
                         flag="--no-memory")
-    epochs: float = _opt(1.0, "training epochs (ignored when --max-steps is positive)")
+    memory_gate_init: float = _opt(0.0, "initial value of the hub's gates on the carried read-outs (1: carried whole)")
+    token_consolidation: bool = _opt(True, "ablation: the hub does not consolidate the towers' output tokens for the "
+                                     "head (on by default where available: dual encoders with interaction)",
+                                     flag="--no-token-consolidation")
+    token_heads: int = _opt(8, "heads of the token consolidation (hub width must be divisible by it)")
+    fusion_hidden_size: int | None = _opt(None, "width of the hub's fusion MLP before the head (0: none; None: 256 on "
+                                          "dual encoders)")
+    epochs: float = _opt(2.0, "training epochs (ignored when --max-steps is positive)")
     batch_size: int = _opt(32, "training batch size (evaluation uses twice this)")
-    learning_rate: float = _opt(3e-2, "peak learning rate of the cosine schedule (AdamW); the offline default was "
+    learning_rate: float = _opt(3e-3, "peak learning rate of the cosine schedule (AdamW); the offline default was "
                                 "chosen on the job's validation split (docs/cli.md)")
     weight_decay: float = _opt(0.0, "AdamW weight decay")
     warmup_ratio: float = _opt(0.05, "fraction of the training steps spent warming the learning rate up")
@@ -127,4 +137,9 @@ class TrainOptions:
         """
         from peft_mitp.config import MITPConfig
 
-        return MITPConfig(**{name: getattr(self, name) for name in ADAPTER_OPTIONS})
+        # The token consolidation is on by default wherever MITP offers it (None), so that `--no-interaction` or a
+        # decoder VLM needs no second flag; `--no-token-consolidation` turns it off.
+        return MITPConfig(
+            **{name: getattr(self, name) for name in ADAPTER_OPTIONS},
+            token_consolidation=None if self.token_consolidation else False,
+        )
