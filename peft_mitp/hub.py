@@ -209,7 +209,7 @@ class Standardizer(nn.Module):
 
     Frozen towers keep a few channels at large, nearly constant values (BERT and CLIP both do); a layer norm over each
     token leaves them dominant. This module subtracts each channel's mean and divides by its standard deviation, both
-    measured on the first training batch that passes through it (all processes together under
+    measured on the first training batch with at least two rows that passes through it (all processes together under
     `torch.distributed`), and keeps them fixed: they are buffers, saved, loaded and switched with the adapter, not
     trained (the maps after it learn any rescaling; an optimizer's steps on them would undo the standardisation of
     the wide channels). Until that first training batch, `scale` is zero and the output is zero.
@@ -238,6 +238,8 @@ class Standardizer(nn.Module):
         stats = torch.stack([rows.sum(0), rows.pow(2).sum(0), rows.new_full(rows.shape[-1:], rows.shape[0])])
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(stats)
+        if float(stats[2, 0]) < 2:  # one row has no spread: wait for a batch with more (every process agrees)
+            return
         mean = stats[0] / stats[2].clamp_min(1)
         std = (stats[1] / stats[2].clamp_min(1) - mean.pow(2)).clamp_min(0).sqrt()
         # A channel (nearly) constant in that batch gets the scale of a typical channel, not an enormous one that would

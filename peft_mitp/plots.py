@@ -21,7 +21,7 @@ def _pyplot():
 def training_curves_figure(log_history: Sequence[dict]) -> Any:
     """The figure of `plot_training_curves`: training loss per logging step, every evaluation metric per evaluation.
 
-    A run that evaluated once (the default single-epoch job evaluates after training) has one point per metric: it is
+    A run that evaluated once (a single-epoch job evaluates after training) has one point per metric: it is
     drawn as a marked, labelled point, and the panel's title says that there was one evaluation and at which step.
 
     Args:

@@ -271,3 +271,15 @@ def test_an_adapter_saved_before_the_read_out_loads_and_computes_what_it_compute
         torch.testing.assert_close(loaded(**inputs).logits, expected, atol=0, rtol=0)
     config = loaded.peft_config["default"]
     assert (config.token_consolidation, config.fusion_hidden_size, config.memory_gate_init) == (False, 0, None)
+
+
+def test_the_standardizer_waits_for_a_batch_with_some_spread():
+    from peft_mitp.hub import Standardizer
+
+    standardizer = Standardizer(3).train()
+    one = torch.tensor([[1.0, 2.0, 3.0]])
+    assert (standardizer(one) == 0).all() and not standardizer.initialised  # a batch of one has no spread
+    standardizer(torch.tensor([[1.0, 2.0, 3.0], [3.0, 2.0, 5.0]]))
+    assert standardizer.initialised
+    # The constant middle channel gets a tenth of the median channel's spread, not an enormous scale.
+    torch.testing.assert_close(standardizer.scale, torch.tensor([1.0, 10.0, 1.0]))

@@ -510,7 +510,9 @@ def test_load_adapter_model_builds_the_base_from_the_recorded_path_in_the_reques
     assert all(p.dtype == torch.float32 for n, p in loaded.named_parameters() if "mitp_" in n)
     inputs = clip_inputs(seed=4)
     bf16_inputs = {**inputs, "pixel_values": inputs["pixel_values"].to(torch.bfloat16)}
-    torch.testing.assert_close(_logits(loaded, bf16_inputs).float(), _logits(model, inputs), atol=5e-2, rtol=5e-2)
+    # Measured: 0.23 at most (5e-2 before the hub's read-out to the head, whose standardisers divide by the pooled
+    # features' spread over inputs, small on this tiny random CLIP against bfloat16's rounding; docs/reliability.md).
+    torch.testing.assert_close(_logits(loaded, bf16_inputs).float(), _logits(model, inputs), atol=0.3, rtol=5e-2)
 
 
 def test_trainer_model_card_is_the_mitp_card_with_the_trainers_metadata(tmp_path):
