@@ -233,8 +233,9 @@ class Standardizer(nn.Module):
     @torch.no_grad()
     def initialise(self, rows: torch.Tensor) -> None:
         """Take mean and standard deviation per channel from `rows` (N, width)."""
-        # In float64, so that the statistics do not depend on how the rows are split over processes (DDP, FSDP).
-        rows = rows.detach().double()
+        # In float64 (MPS has none: float32 there), so that the statistics do not depend on how the rows are split
+        # over processes (DDP, FSDP).
+        rows = rows.detach().to(torch.float32 if rows.device.type == "mps" else torch.float64)
         stats = torch.stack([rows.sum(0), rows.pow(2).sum(0), rows.new_full(rows.shape[-1:], rows.shape[0])])
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(stats)

@@ -283,3 +283,15 @@ def test_the_standardizer_waits_for_a_batch_with_some_spread():
     assert standardizer.initialised
     # The constant middle channel gets a tenth of the median channel's spread, not an enormous scale.
     torch.testing.assert_close(standardizer.scale, torch.tensor([1.0, 10.0, 1.0]))
+
+
+def test_head_features_are_what_the_head_reads():
+    model = make_model(_config(), seed=3)
+    inputs = clip_inputs(batch=4)
+    _train(model, inputs, steps=1)  # sets the standardisers, so the read-out takes part
+    task = model.base_model.model
+    with torch.no_grad():
+        features = task.head_features(**inputs)
+        text, image, _ = task.pooled_features(**inputs)
+        assert not torch.allclose(features, torch.cat([text, image], -1))  # the read-out is added
+        torch.testing.assert_close(task.classifier(features), model(**inputs).logits)
