@@ -275,7 +275,7 @@ class MITPConfig(PeftConfig):
                 "`token_consolidation=True` compares the two towers' tokens, which is a cross-modal interaction: it "
                 "needs `interaction=True`. Leave it None (or False) for the `interaction=False` ablation."
             )
-        if self.token_consolidation is not False and self.interaction and self.hub_dim % self.token_heads:
+        if self.token_consolidation and self.hub_dim % self.token_heads:
             raise ValueError(
                 f"`hub_dim`={self.hub_dim} must be divisible by `token_heads`={self.token_heads} (each head takes "
                 "an equal slice of the hub's shared space)."

@@ -280,6 +280,11 @@ class MITPModel(BaseTuner):
                 f"`token_consolidation=True` is not available {reason}. Leave it None (on wherever it is available) "
                 "or set it to False."
             )
+        if tokens and config.hub_dim % config.token_heads:
+            raise ValueError(
+                f"`hub_dim`={config.hub_dim} must be divisible by `token_heads`={config.token_heads} (each head of the "
+                "token consolidation takes an equal slice of the hub's shared space), or set `token_consolidation=False`."
+            )
         # Resolved like the layer lists, so that the saved config names what runs.
         config.token_consolidation = bool(tokens)
         if config.fusion_hidden_size is None:

@@ -295,3 +295,12 @@ def test_head_features_are_what_the_head_reads():
         text, image, _ = task.pooled_features(**inputs)
         assert not torch.allclose(features, torch.cat([text, image], -1))  # the read-out is added
         torch.testing.assert_close(task.classifier(features), model(**inputs).logits)
+
+
+def test_a_hub_width_the_heads_do_not_divide_is_refused_where_the_consolidation_runs():
+    config = _config(hub_dim=12)  # a config alone is fine: an old adapter's may not know the token heads
+    with pytest.raises(ValueError, match="must be divisible by `token_heads`=8"):
+        make_model(config)
+    assert make_model(_config(hub_dim=12, token_consolidation=False)).base_model.mitp_hub["default"].token_heads == 0
+    with pytest.raises(ValueError, match="divisible"):
+        _config(hub_dim=12, token_consolidation=True)
