@@ -24,7 +24,7 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from torch import nn
 
-from .config import DEFAULT_FUSION_HIDDEN_SIZE, MITPConfig
+from .config import MITPConfig
 from .offline_backbone import OFFLINE_BACKBONE_NAME
 
 TRAINING_INFO_FILE = "mitp_training.json"
@@ -174,14 +174,10 @@ def _title(repo_id: str | None, dataset: str | None, base: str) -> str:
     return f"MITP adapter for {dataset} on {base}" if dataset else f"MITP adapter on {base}"
 
 
-def _readout_sentence(config: Any, decoder: bool) -> str:
+def _readout_sentence(config: Any) -> str:
     """What of the hub reaches the classification head (docs/method.md, "The read-out to the head")."""
-    tokens = config.token_consolidation
-    if tokens is None:
-        tokens = config.interaction and not decoder
-    fusion = config.fusion_hidden_size
-    if fusion is None:
-        fusion = 0 if decoder else DEFAULT_FUSION_HIDDEN_SIZE
+    # Both are resolved against the backbone when the adapter is created (`MITPModel.inject_adapter`).
+    tokens, fusion = bool(config.token_consolidation), config.fusion_hidden_size or 0
     parts = []
     if tokens:
         parts.append(
@@ -252,7 +248,7 @@ def _configuration_lines(config: MITPConfig, decoder: bool = False) -> list[str]
         + "; memory "
         + _switch(config.memory, "a layer's read-out carries on to the next interaction layer", "no carry")
         + ".",
-        "- **Read-out to the head**: " + _readout_sentence(config, decoder),
+        "- **Read-out to the head**: " + _readout_sentence(config),
     ]
     if getattr(config, "missing_modality", False):
         lines.append(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -170,27 +169,6 @@ class ModalityStandIns(nn.Module):
 
 TOKEN_SCORE_LIMIT = 1e4
 """Bound of each token-consolidation score (`MemoryHub.consolidate_tokens`)."""
-
-
-class _ToHubDtype(torch.autograd.Function):
-    """Cast a tower's tokens to the hub's dtype; on the way back, keep the gradient within the tower's dtype range.
-
-    The hub computes in float32 under a half-precision backbone: a gradient it hands back may exceed float16's range,
-    which would turn into inf in the tower's backward (and NaN in the prompts' gradients). It is clamped to that range
-    instead (large, but finite: the optimizer normalises it).
-    """
-
-    @staticmethod
-    def forward(ctx: Any, tokens: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        ctx.source = tokens.dtype
-        return tokens.to(dtype)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        if grad.dtype != ctx.source and ctx.source.is_floating_point:
-            limit = torch.finfo(ctx.source).max
-            grad = torch.nan_to_num(grad, nan=0.0, posinf=limit, neginf=-limit).clamp(-limit, limit)
-        return grad.to(ctx.source), None
 
 
 def _token_mask(mask: torch.Tensor | None, tokens: torch.Tensor) -> torch.Tensor:
@@ -543,8 +521,8 @@ class MemoryHub(nn.Module):
         """
         readout, weight = self.readout, self.text_in.weight
         heads = readout.heads
-        text_tokens = _ToHubDtype.apply(text_tokens.to(device=weight.device), weight.dtype)
-        vision_tokens = _ToHubDtype.apply(vision_tokens.to(device=weight.device), weight.dtype)
+        text_tokens = text_tokens.to(device=weight.device, dtype=weight.dtype)
+        vision_tokens = vision_tokens.to(device=weight.device, dtype=weight.dtype)
         text_mask = _token_mask(text_mask, text_tokens)
         vision_mask = _token_mask(vision_mask, vision_tokens)
         text = self.text_in(readout.text_tokens(text_tokens, text_mask))
